@@ -1,0 +1,278 @@
+r"""Heavy-tailed noise on parameters: the update of Wan, Barsbey, Zaidi and Şimşekli (ICML 2024).
+
+After every optimizer step the iterate gets
+
+.. math:: w \leftarrow w + \sigma\, \eta^{1/\alpha} X, \qquad X \sim S\alpha S(1),
+
+with :math:`\eta` the step's learning rate and :math:`X` drawn afresh (see :mod:`lightning_heavytail.stable` for the
+parametrization: ``alpha = 2`` is ``N(0, 2)``). The noise structures follow the authors' code:
+
+- ``"iid"`` (their type 2): an independent draw for every coordinate.
+- ``"neuron"`` (type 1, the structure the theory covers): one draw per output unit, i.e. per row of a Linear weight
+  or per conv filter (dimension 0), broadcast over that unit's incoming weights.
+- ``"elliptical"`` (type 3): per unit a sub-Gaussian stable vector ``sqrt(A) * G`` with ``G ~ N(0, 2 I)`` and ``A``
+  positive (alpha/2)-stable with Laplace transform ``exp(-s**(alpha/2))``; each coordinate is SaS(1), the coordinates
+  of a unit are dependent. (The authors use ``G ~ N(0, I)``, i.e. marginal scale ``2**-0.5``; here every structure
+  has scale-1 marginals, so ``sigma`` means the same thing for all three.)
+
+Reproducibility is counter-based: the noise of a parameter at a step is a pure function of ``(seed, step, name)``
+(:func:`~lightning_heavytail.stable.derive_seed`), so it does not depend on what ran before, on the process, or on
+the DDP rank, and a resumed run draws exactly what an uninterrupted run draws.
+
+References:
+    Y. Wan, M. Barsbey, A. Zaidi, U. Şimşekli, "Implicit Compressibility of Overparametrized Neural Networks
+    Trained with Heavy-Tailed SGD", ICML 2024, arXiv:2306.08125.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_heavytail._checks import check_alpha, check_choice, check_positive_finite
+from lightning_heavytail.stable import derive_seed, sample_positive_stable, sample_stable
+
+__all__ = [
+    "NOISE_STRUCTURES",
+    "NoiseStats",
+    "NonFiniteParameterError",
+    "add_heavy_tailed_noise",
+    "draw_noise",
+    "noise_scale",
+]
+
+NOISE_STRUCTURES = ("iid", "neuron", "elliptical")
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+NoiseStructure = Literal["iid", "neuron", "elliptical"]
+NonFinitePolicy = Literal["raise", "skip", "ignore"]
+
+# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
+# parameter cannot overflow when noise is added and no check after the addition is needed.
+_MAX_SCALE = 1e15
+
+
+class NonFiniteParameterError(FloatingPointError):
+    """A selected parameter holds inf or NaN at a noise step (the message names it and the step)."""
+
+
+@dataclass
+class NoiseStats:
+    """What one call of :func:`add_heavy_tailed_noise` did.
+
+    Attributes:
+        noised: names of the parameters that received noise.
+        skipped: names of the parameters left untouched because they were (or would become) non-finite.
+        max_abs_noise: the largest |noise| added, when asked for (``track_max=True``), else ``None``.
+    """
+
+    noised: list[str]
+    skipped: list[str]
+    max_abs_noise: float | None = None
+
+
+def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
+    r"""The scale of the noise added after a step: :math:`\sigma\,\eta^{1/\alpha}`, or :math:`\sigma` without scaling.
+
+    The exponent ``1/alpha`` is what makes the noise the Euler discretization of an alpha-stable Lévy-driven SDE
+    with step ``lr`` (a Lévy process increment over time ``lr`` has scale ``lr**(1/alpha)``).
+
+    Args:
+        sigma: noise level, >= 0.
+        lr: learning rate of the step, >= 0.
+        alpha: stability index in (0, 2].
+        lr_scaling: if False the scale is ``sigma`` whatever the learning rate.
+
+    Returns:
+        The scale, >= 0.
+
+    Example:
+        >>> round(noise_scale(0.003, 0.01, 1.75), 8)
+        0.00021591
+        >>> noise_scale(0.5, 0.1, 2.0, lr_scaling=False)
+        0.5
+    """
+    if not lr_scaling:
+        return float(sigma)
+    return float(sigma) * float(lr) ** (1.0 / alpha) if lr > 0 else 0.0
+
+
+def _unit_shape(shape: torch.Size, structure: str) -> torch.Size:
+    if structure == "iid" or len(shape) == 0:
+        return shape
+    return torch.Size([shape[0]] + [1] * (len(shape) - 1))
+
+
+def draw_noise(
+    shape: torch.Size | tuple[int, ...],
+    alpha: float,
+    *,
+    structure: NoiseStructure = "iid",
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw the noise for one parameter of the given shape: ``scale * X`` with the chosen structure.
+
+    Arithmetic runs in float32 (float64 for a float64 output) and is cast at the end. For ``"neuron"`` the result has
+    shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``.
+
+    Args:
+        shape: the parameter's shape; dimension 0 indexes output units.
+        alpha: stability index in (0, 2].
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"`` (see the module docstring).
+        scale: multiplies the scale-1 draws.
+        generator: a ``torch.Generator`` on ``device``.
+        device: where to draw.
+        dtype: output dtype.
+
+    Returns:
+        The noise tensor.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> draw_noise((4, 3), 1.8, structure="neuron", generator=g).shape
+        torch.Size([4, 1])
+        >>> draw_noise((4, 3), 1.8, structure="elliptical", generator=g).shape
+        torch.Size([4, 3])
+    """
+    check_alpha(alpha)
+    check_choice(structure, NOISE_STRUCTURES, "structure")
+    size = torch.Size(shape)
+    if structure != "elliptical" or len(size) == 0:
+        return sample_stable(alpha, _unit_shape(size, structure), scale=scale, generator=generator, device=device,
+                             dtype=dtype)
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mixing = sample_positive_stable(alpha / 2.0, _unit_shape(size, "neuron"), generator=generator, device=device,
+                                    dtype=compute_dtype)
+    gaussian = torch.randn(size, generator=generator, device=device, dtype=compute_dtype)
+    noise = gaussian.mul_(mixing.sqrt_().mul_(math.sqrt(2.0) * scale))
+    if dtype != compute_dtype:
+        finfo = torch.finfo(dtype)
+        noise = noise.clamp_(finfo.min, finfo.max).to(dtype)
+    return noise
+
+
+def _is_finite(tensor: Tensor) -> bool:
+    # A sum is one cheap reduction and is finite whenever every entry is; only when it is not (NaN/inf, or an
+    # overflow of the sum itself) is the exact elementwise test worth its cost.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _is_narrow(dtype: torch.dtype) -> bool:
+    # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
+    return torch.finfo(dtype).max < 1e38
+
+
+def _noise_for(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
+               step: int) -> Tensor:
+    """The noise of one parameter at one step: a pure function of (seed, step, name), drawn on its device."""
+    generator = torch.Generator(device=param.device).manual_seed(derive_seed(seed, step, name))
+    # float64 parameters get float64 noise; every other dtype gets float32 arithmetic.
+    noise_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    return draw_noise(param.shape, alpha, structure=structure, scale=scale, generator=generator, device=param.device,
+                      dtype=noise_dtype)
+
+
+def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
+                       step: int) -> str | None:
+    """Why adding noise to ``param`` now would train on inf/NaN, or None when it is safe."""
+    if not _is_finite(param):
+        return (
+            f"parameter {name!r} holds inf or NaN at noise step {step}, before noise was added: the optimizer step"
+            " produced it (check the loss, the learning rate and the gradients)."
+        )
+    if _is_narrow(param.dtype):
+        # The noise is a pure function of (seed, step, name): draw it here to check, and again to apply, rather
+        # than hold a float32 copy of every fp16 parameter.
+        updated = param.float().add_(_noise_for(name, param, alpha, scale, structure, seed, step))
+        if not bool(updated.abs().max() <= torch.finfo(param.dtype).max):
+            return (
+                f"noise would overflow parameter {name!r} ({param.dtype}) at noise step {step}; nothing was changed."
+                " Lower sigma or keep master weights in float32."
+            )
+    return None
+
+
+@torch.no_grad()
+def add_heavy_tailed_noise(
+    named_params: Iterable[tuple[str, Tensor]],
+    alpha: float,
+    scale: float,
+    *,
+    structure: NoiseStructure = "iid",
+    seed: int = 0,
+    step: int = 0,
+    on_nonfinite: NonFinitePolicy = "raise",
+    track_max: bool = False,
+) -> NoiseStats:
+    """Add ``scale * X`` in place to each parameter, X SaS(1) with the given structure, reproducibly.
+
+    The noise of parameter ``name`` is drawn from a generator seeded with ``derive_seed(seed, step, name)`` on the
+    parameter's own device, so it depends only on ``(seed, step, name)``: every DDP rank draws the same noise, and a
+    resumed run the same as an uninterrupted one.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs, e.g. from :func:`~lightning_heavytail.select_parameters`.
+        alpha: stability index in (0, 2].
+        scale: noise scale, usually :func:`noise_scale` of the step's learning rate; 0 adds nothing.
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
+        seed: base seed.
+        step: the step counter that makes each step's noise fresh.
+        on_nonfinite: what to do when a parameter is non-finite before the noise (the optimizer step produced it)
+            or would become so (an fp16 overflow): ``"raise"`` a :class:`NonFiniteParameterError` naming the parameter
+            and step, before anything is changed; ``"skip"`` that parameter and report it in ``skipped``; or
+            ``"ignore"`` (no check, fastest).
+        track_max: also return the largest |noise| added (one extra reduction per parameter).
+
+    Returns:
+        A :class:`NoiseStats`.
+
+    Raises:
+        NonFiniteParameterError: with ``on_nonfinite="raise"``, see above.
+        ValueError: on a bad argument.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2, bias=False)
+        >>> before = net.weight.detach().clone()
+        >>> stats = add_heavy_tailed_noise(net.named_parameters(), alpha=1.8, scale=0.01, seed=1, step=0)
+        >>> stats.noised, bool((net.weight != before).all())
+        (['weight'], True)
+    """
+    check_alpha(alpha)
+    check_positive_finite(scale, "scale", allow_zero=True)
+    if scale > _MAX_SCALE:
+        raise ValueError(f"`scale` must be at most {_MAX_SCALE:g} (heavier noise overflows float32), got {scale!r}")
+    check_choice(structure, NOISE_STRUCTURES, "structure")
+    check_choice(on_nonfinite, NONFINITE_POLICIES, "on_nonfinite")
+    stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
+    if scale == 0.0:
+        return stats
+    # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
+    targets = list(named_params)
+    if on_nonfinite != "ignore":
+        for name, param in targets:
+            problem = _nonfinite_problem(name, param, alpha, scale, structure, seed, step)
+            if problem is None:
+                continue
+            if on_nonfinite == "raise":
+                raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
+            stats.skipped.append(name)
+    for name, param in targets:
+        if name in stats.skipped:
+            continue
+        noise = _noise_for(name, param, alpha, scale, structure, seed, step)
+        if track_max:
+            stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
+        if _is_narrow(param.dtype):
+            param.copy_(param.float().add_(noise))  # add in float32, round once
+        else:
+            param.add_(noise.to(param.dtype))
+        stats.noised.append(name)
+    return stats
