@@ -1,0 +1,322 @@
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import scipy.stats
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from lightning_heavytail.callbacks.noise import HeavyTailNoiseCallback, check_strategy_supported
+from lightning_heavytail.noise import NonFiniteParameterError
+from tests.helpers import MLP, loader, trainer, weights
+
+# 64 samples in batches of 16: 4 real steps per epoch without accumulation.
+STEPS_PER_EPOCH = 4
+
+
+def test_noise_after_every_real_step_has_the_stable_law_at_sigma_lr_pow_one_over_alpha(tmp_path):
+    # zero gradients: SGD leaves the weights alone, so what changes them is the noise alone
+    alpha, sigma, lr = 1.5, 0.05, 0.2
+    model = MLP(width=256, lr=lr, grad_scale=0.0)
+    before = weights(model)
+    cb = HeavyTailNoiseCallback(alpha, sigma, seed=0)
+    trainer(tmp_path, callbacks=[cb], max_steps=1).fit(model)
+    assert cb.noise_step == 1
+    delta = (model.hidden.weight.detach() - before["hidden.weight"]).numpy().ravel()
+    expected = scipy.stats.levy_stable(alpha, 0.0, scale=sigma * lr ** (1 / alpha))
+    assert scipy.stats.kstest(delta, expected.cdf).pvalue > 1e-3
+    assert (model.out.weight != before["out.weight"]).any()  # "weights" includes the output layer
+
+
+def test_each_step_draws_fresh_noise_and_biases_are_untouched(tmp_path):
+    model = MLP(lr=0.1, grad_scale=0.0, bias=True)
+    deltas = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = pl_module.hidden.weight.detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            deltas.append(pl_module.hidden.weight.detach() - self.before)
+
+    before = weights(model)
+    trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 0.1, seed=1), Record()]).fit(model)
+    assert len(deltas) == STEPS_PER_EPOCH and all((d != 0).all() for d in deltas)
+    assert not torch.allclose(deltas[0], deltas[1])
+    assert torch.equal(model.hidden.bias, before["hidden.bias"]) and torch.equal(model.out.bias, before["out.bias"])
+
+
+def test_paper_selection_leaves_the_output_layer_and_neuron_structure_moves_whole_rows(tmp_path):
+    model = MLP(lr=0.1, grad_scale=0.0)
+    before = weights(model)
+    cb = HeavyTailNoiseCallback(1.75, 0.1, structure="neuron", params="paper", seed=2)
+    trainer(tmp_path, callbacks=[cb], max_steps=1).fit(model)
+    assert torch.equal(model.out.weight, before["out.weight"])
+    delta = model.hidden.weight.detach() - before["hidden.weight"]
+    assert torch.allclose(delta, delta[:, :1].expand_as(delta), atol=1e-7) and (delta != 0).all()
+
+
+def test_gradient_accumulation_noises_once_per_real_step(tmp_path):
+    cb = HeavyTailNoiseCallback(1.8, 0.01, seed=0)
+    pl_trainer = trainer(tmp_path, callbacks=[cb], accumulate_grad_batches=2)
+    pl_trainer.fit(MLP())
+    assert pl_trainer.global_step == STEPS_PER_EPOCH // 2
+    assert cb.noise_step == STEPS_PER_EPOCH // 2
+
+
+class InfOnSecondBatch(MLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == 1 else loss
+
+
+def test_a_step_skipped_by_the_amp_grad_scaler_gets_no_noise(tmp_path):
+    model = InfOnSecondBatch()
+    cb = HeavyTailNoiseCallback(1.8, 0.01, seed=0)
+    real_steps = []
+    # Lightning turns precision="16-mixed" into bf16 (no scaler) on the CPU: hand it a real fp16 GradScaler.
+    scaler = torch.amp.GradScaler("cpu")
+    pl_trainer = trainer(tmp_path, callbacks=[cb], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+    class CountRealSteps(pl.Callback):  # an independent count of the optimizer's real steps
+        def on_fit_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(lambda *_: real_steps.append(1))
+
+    pl_trainer.callbacks.append(CountRealSteps())
+    pl_trainer.fit(model)
+    assert pl_trainer.precision_plugin.scaler is scaler
+    assert len(real_steps) < STEPS_PER_EPOCH  # the scaler really skipped at least the inf step
+    assert cb.noise_step == len(real_steps)
+    assert torch.isfinite(model.hidden.weight).all()
+
+
+class TwoOptimizers(MLP):
+    def __init__(self):
+        super().__init__(lr=0.1, grad_scale=0.0)
+        self.automatic_optimization = False
+        self.checks = []
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.hidden.parameters(), lr=0.1), torch.optim.SGD(self.out.parameters(), lr=0.1)]
+
+    def training_step(self, batch, batch_idx):
+        opt_hidden, opt_out = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        for opt, mine, other in ((opt_hidden, self.hidden, self.out), (opt_out, self.out, self.hidden)):
+            if opt is opt_hidden and batch_idx % 2:
+                continue  # the first optimizer steps every other batch
+            mine_before, other_before = mine.weight.detach().clone(), other.weight.detach().clone()
+            opt.step()
+            self.checks.append((not torch.equal(mine.weight, mine_before), torch.equal(other.weight, other_before)))
+            opt.zero_grad()
+
+
+def test_manual_optimization_noises_only_the_stepped_optimizers_parameters(tmp_path):
+    model = TwoOptimizers()
+    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    trainer(tmp_path, callbacks=[cb]).fit(model)
+    assert len(model.checks) == STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2
+    assert all(mine_moved and other_still for mine_moved, other_still in model.checks)
+    assert cb.noise_step == len(model.checks)
+
+
+def test_frozen_parameters_get_no_noise(tmp_path):
+    model = MLP(grad_scale=0.0)
+    model.out.weight.requires_grad_(False)
+    before = weights(model)
+    trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 0.1, seed=0)]).fit(model)
+    assert torch.equal(model.out.weight, before["out.weight"])
+    assert not torch.equal(model.hidden.weight, before["hidden.weight"])
+
+
+def test_fit_twice_leaves_no_doubled_hooks(tmp_path):
+    cb = HeavyTailNoiseCallback(1.8, 0.01, seed=0)
+    model = MLP()
+    trainer(tmp_path, callbacks=[cb]).fit(model)
+    assert cb.noise_step == STEPS_PER_EPOCH and cb._handles == []
+    second = trainer(tmp_path, callbacks=[cb], max_epochs=2)
+    second.fit(model)
+    assert cb.noise_step == STEPS_PER_EPOCH + 2 * STEPS_PER_EPOCH
+    assert cb._handles == []
+    assert all(len(opt._optimizer_step_post_hooks) == 0 for opt in second.optimizers)
+
+
+def test_start_and_stop_step_bound_the_noisy_steps(tmp_path):
+    model = MLP(grad_scale=0.0)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = pl_module.hidden.weight.detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(not torch.equal(pl_module.hidden.weight, self.before))
+
+    trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 0.1, seed=0, start_step=1, stop_step=3), Record()]).fit(
+        model
+    )
+    assert seen == [False, True, True, False]
+
+
+def test_lr_scheduler_is_followed_and_stats_are_logged_at_log_every_n_steps(tmp_path):
+    alpha, sigma = 1.6, 0.02
+
+    class Halving(MLP):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.4)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    logger = CSVLogger(tmp_path, name="csv")
+    pl_trainer = trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(alpha, sigma, seed=0)], logger=logger,
+                         log_every_n_steps=2)
+    pl_trainer.fit(Halving())
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = {int(r["step"]): float(r["heavytail/noise_scale"]) for r in rows if r.get("heavytail/noise_scale")}
+    # noise steps 0 and 2 are logged; the lr at noise step k is 0.4 * 0.5**k
+    assert sorted(logged) == [0, 2]
+    for step, value in logged.items():
+        assert value == pytest.approx(sigma * (0.4 * 0.5**step) ** (1 / alpha))
+    max_noise = [float(r["heavytail/max_abs_noise"]) for r in rows if r.get("heavytail/max_abs_noise")]
+    assert len(max_noise) == 2 and all(m > 0 for m in max_noise)
+
+
+def test_resume_from_checkpoint_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    def run(root, max_epochs, seed, ckpt_path=None):
+        pl.seed_everything(0)
+        model = MLP(lr=0.05)
+        cb = HeavyTailNoiseCallback(1.7, 0.05, structure="neuron", seed=seed)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / root, save_last=True)
+        t = trainer(tmp_path / root, callbacks=[cb, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+        t.fit(model, ckpt_path=ckpt_path)
+        return model, cb
+
+    straight, _ = run("straight", 3, seed=1234)
+    run("resumed", 1, seed=1234)
+    # the resumed callback is built without a seed: the seed and the step count come from the checkpoint
+    resumed, cb = run("resumed", 3, seed=None, ckpt_path=tmp_path / "resumed" / "last.ckpt")
+    assert cb.resolved_seed == 1234 and cb.noise_step == 3 * STEPS_PER_EPOCH
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    other_seed, _ = run("other", 3, seed=4321)  # the noise matters: another seed ends elsewhere
+    assert not torch.equal(other_seed.hidden.weight, straight.hidden.weight)
+
+
+def test_nonfinite_weights_raise_with_name_and_step_and_keep_the_model(tmp_path):
+    class NanOnThirdBatch(MLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 2 else loss
+
+    model = NanOnThirdBatch()
+    with pytest.raises(NonFiniteParameterError, match=r"'hidden.weight'.*noise step 2"):
+        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 0.01, seed=0)]).fit(model)
+
+
+def test_nonfinite_skip_policy_trains_on(tmp_path):
+    class InfBias(MLP):
+        def on_train_start(self):
+            with torch.no_grad():
+                self.out.weight[0, 0] = float("inf")
+
+    cb = HeavyTailNoiseCallback(1.8, 0.01, seed=0, on_nonfinite="skip", params="hidden.weight")
+    trainer(tmp_path, callbacks=[cb], max_steps=2).fit(InfBias(grad_scale=0.0))
+    assert cb.noise_step == 2
+
+
+def test_selection_that_matches_nothing_fails_at_setup_with_the_available_names(tmp_path):
+    model = MLP()
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"`params`='encoder\.\*'.*hidden\.weight"):
+        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(params="encoder.*")]).fit(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(alpha=0.0), r"`alpha` must be a number in \(0, 2\], got 0.0"),
+        (dict(alpha=2.1), "alpha"),
+        (dict(sigma=-0.1), r"`sigma` must be a finite number >= 0, got -0.1"),
+        (dict(sigma=float("inf")), "sigma"),
+        (dict(structure="rows"), r"`structure` must be one of \['elliptical', 'iid', 'neuron'\], got 'rows'"),
+        (dict(start_step=5, stop_step=5), "stop_step"),
+        (dict(start_step=-1), "start_step"),
+        (dict(seed=1.5), "seed"),
+        (dict(sync="allreduce"), "sync"),
+        (dict(on_nonfinite="warn"), "on_nonfinite"),
+        (dict(exclude="out.*"), "exclude"),
+        (dict(lr_scaling="yes"), "lr_scaling"),
+    ],
+)
+def test_bad_arguments_fail_at_construction_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HeavyTailNoiseCallback(**kwargs)
+
+
+def test_params_of_the_wrong_type_fail_at_construction():
+    with pytest.raises(TypeError, match="`params`"):
+        HeavyTailNoiseCallback(params=3)
+
+
+def test_sharding_strategies_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="FSDPStrategy.*shards parameters.*ddp"):
+        check_strategy_supported(FSDPStrategy())
+    with pytest.raises(ValueError, match="DeepSpeedStrategy"):
+        check_strategy_supported(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    check_strategy_supported(pl.Trainer(accelerator="cpu", logger=False).strategy)  # single device: fine
+
+
+def test_state_dict_round_trip_and_defaults_for_missing_fields():
+    cb = HeavyTailNoiseCallback(seed=7)
+    cb.load_state_dict({"seed": 123, "noise_step": 9})
+    assert cb.state_dict() == {"version": 1, "seed": 123, "noise_step": 9}
+    fresh = HeavyTailNoiseCallback(seed=7)
+    fresh.load_state_dict({})  # a checkpoint from before these fields existed
+    assert fresh.resolved_seed == 7 and fresh.noise_step == 0
+    assert HeavyTailNoiseCallback(alpha=1.5).state_key != HeavyTailNoiseCallback(alpha=1.6).state_key
+
+
+def test_lightning_cli_builds_the_callback_from_flags(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        MLP,
+        run=False,
+        args=[
+            "--trainer.callbacks+=lightning_heavytail.HeavyTailNoiseCallback",
+            "--trainer.callbacks.alpha=1.7",
+            "--trainer.callbacks.structure=neuron",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        save_config_callback=None,
+    )
+    noise = [c for c in cli.trainer.callbacks if isinstance(c, HeavyTailNoiseCallback)]
+    assert len(noise) == 1 and noise[0].alpha == 1.7 and noise[0].structure == "neuron"
+    assert math.isclose(noise[0].sigma, 0.003)
+
+
+def test_trains_through_a_real_loader_with_bf16_mixed_precision(tmp_path):
+    model = MLP()
+    trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 0.01, seed=0)], precision="bf16-mixed").fit(
+        model, train_dataloaders=loader()
+    )
+    assert model.hidden.weight.dtype == torch.float32 and torch.isfinite(model.hidden.weight).all()
+
+
+def test_parameters_in_no_optimizer_are_reported(tmp_path):
+    class OnlyHidden(MLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.hidden.parameters(), lr=0.1)
+
+    with pytest.warns(UserWarning, match="out.weight"):
+        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(seed=0)], max_steps=1).fit(OnlyHidden())
+
+

@@ -1,0 +1,145 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+from lightning_heavytail.noise import (
+    NonFiniteParameterError,
+    add_heavy_tailed_noise,
+    draw_noise,
+    noise_scale,
+)
+from lightning_heavytail.stable import derive_seed, sample_stable
+
+
+def test_noise_scale_follows_lr_to_the_one_over_alpha():
+    for lr in (1e-3, 0.01, 0.5):
+        assert noise_scale(0.003, lr, 1.75) == pytest.approx(0.003 * math.exp(math.log(lr) / 1.75))
+    assert noise_scale(0.2, 0.01, 1.5, lr_scaling=False) == 0.2
+    assert noise_scale(0.2, 0.0, 1.5) == 0.0
+
+
+def test_neuron_noise_is_one_draw_per_output_unit_broadcast_over_its_weights():
+    net = nn.Conv2d(3, 5, kernel_size=3, bias=False)
+    before = net.weight.detach().clone()
+    add_heavy_tailed_noise(net.named_parameters(), 1.5, 0.1, structure="neuron", seed=3, step=7)
+    delta = (net.weight.detach() - before).reshape(5, -1)
+    # every filter moved by one common amount, and the filters by different amounts
+    assert torch.allclose(delta, delta[:, :1].expand_as(delta), atol=1e-6)
+    assert delta[:, 0].unique().numel() == 5
+
+
+def test_noise_is_a_pure_function_of_seed_step_and_name():
+    def noised(names, seed, step):
+        params = {n: nn.Parameter(torch.zeros(6, 4)) for n in names}
+        add_heavy_tailed_noise(params.items(), 1.8, 1.0, seed=seed, step=step)
+        return {n: p.detach() for n, p in params.items()}
+
+    a = noised(["x", "y"], seed=1, step=5)
+    b = noised(["y", "x", "z"], seed=1, step=5)  # other order, another parameter: same noise for x and y
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    assert not torch.equal(a["x"], a["y"])
+    assert not torch.equal(a["x"], noised(["x"], seed=1, step=6)["x"])
+    assert not torch.equal(a["x"], noised(["x"], seed=2, step=5)["x"])
+    # and it is exactly scale * sample_stable from the derived seed
+    g = torch.Generator().manual_seed(derive_seed(1, 5, "x"))
+    assert torch.equal(a["x"], sample_stable(1.8, (6, 4), generator=g))
+
+
+@pytest.mark.parametrize("structure", ["iid", "elliptical"])
+@pytest.mark.parametrize("alpha", [1.2, 1.8])
+def test_noise_marginals_are_sas_with_the_requested_scale(structure, alpha):
+    scale = 0.05
+    p = nn.Parameter(torch.zeros(400, 50))
+    add_heavy_tailed_noise([("w", p)], alpha, scale, structure=structure, seed=11, step=0)
+    x = p.detach().numpy()[:, :3].ravel()  # within a unit elliptical coordinates are dependent: use few per unit
+    pvalue = scipy.stats.kstest(x, scipy.stats.levy_stable(alpha, 0.0, scale=scale).cdf).pvalue
+    assert pvalue > 1e-3
+
+
+def test_elliptical_coordinates_share_one_mixing_variable_per_unit():
+    def abs_corr(structure):
+        x = draw_noise((4000, 2), 1.5, structure=structure, generator=torch.Generator().manual_seed(0))
+        logs = torch.log(x.abs().double())
+        return float(torch.corrcoef(logs.T)[0, 1])
+
+    assert abs_corr("elliptical") > 0.12  # a large mixing variable makes the whole unit large (~0.2)
+    assert abs(abs_corr("iid")) < 0.06  # sd of the estimate ~0.016
+
+
+def test_alpha_two_elliptical_is_gaussian_n02():
+    x = draw_noise((20000, 3), 2.0, structure="elliptical", generator=torch.Generator().manual_seed(0))
+    assert scipy.stats.kstest(x.numpy().ravel(), scipy.stats.norm(scale=math.sqrt(2)).cdf).pvalue > 1e-3
+
+
+def test_zero_scale_changes_nothing():
+    net = nn.Linear(4, 3)
+    before = net.weight.detach().clone()
+    stats = add_heavy_tailed_noise(net.named_parameters(), 1.5, 0.0)
+    assert torch.equal(net.weight, before) and stats.noised == []
+
+
+def test_nonfinite_parameter_raises_naming_it_and_leaves_every_parameter_unchanged():
+    first, bad = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(3, 3))
+    with torch.no_grad():
+        bad[1, 2] = float("nan")
+    snapshot = [first.detach().clone(), bad.detach().clone()]
+    with pytest.raises(NonFiniteParameterError, match=r"'layer2.weight'.*step 42"):
+        add_heavy_tailed_noise([("layer1.weight", first), ("layer2.weight", bad)], 1.5, 0.1, step=42)
+    assert torch.equal(first, snapshot[0])
+    assert torch.equal(bad.isnan(), snapshot[1].isnan()) and torch.equal(bad.nan_to_num(), snapshot[1].nan_to_num())
+
+
+def test_skip_policy_noises_the_finite_parameters_only():
+    first, bad = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.full((3, 3), float("inf")))
+    stats = add_heavy_tailed_noise([("a", first), ("b", bad)], 1.5, 0.1, on_nonfinite="skip")
+    assert stats.noised == ["a"] and stats.skipped == ["b"]
+    assert not torch.equal(first, torch.ones(3, 3))
+
+
+def test_fp16_overflow_is_refused_before_anything_is_written():
+    p = nn.Parameter(torch.full((64, 64), 65000.0, dtype=torch.float16))
+    q = nn.Parameter(torch.zeros(4, 4))
+    before = p.detach().clone()
+    with pytest.raises(NonFiniteParameterError, match="overflow"):
+        add_heavy_tailed_noise([("q", q), ("p", p)], 1.2, 1000.0)
+    assert torch.equal(p, before) and torch.equal(q, torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_parameters_get_finite_noise_of_their_dtype(dtype):
+    p = nn.Parameter(torch.zeros(256, 256, dtype=dtype))
+    add_heavy_tailed_noise([("p", p)], 0.8, 0.01, seed=0)
+    assert p.dtype == dtype and bool(torch.isfinite(p).all()) and bool((p != 0).any())
+
+
+def test_max_abs_noise_is_reported_when_tracked():
+    p = nn.Parameter(torch.zeros(10, 10))
+    stats = add_heavy_tailed_noise([("p", p)], 1.5, 0.1, track_max=True)
+    assert stats.max_abs_noise == pytest.approx(float(p.detach().abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(alpha=2.5, scale=0.1), "alpha"),
+        (dict(alpha=0.0, scale=0.1), "alpha"),
+        (dict(alpha=1.5, scale=-1.0), "scale"),
+        (dict(alpha=1.5, scale=float("nan")), "scale"),
+        (dict(alpha=1.5, scale=1e20), "scale"),
+        (dict(alpha=1.5, scale=0.1, structure="row"), "structure"),
+        (dict(alpha=1.5, scale=0.1, on_nonfinite="nan"), "on_nonfinite"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        add_heavy_tailed_noise([("p", nn.Parameter(torch.zeros(2, 2)))], **kwargs)
+
+
+def test_noise_runs_on_the_parameters_device_without_autograd():
+    p = nn.Parameter(torch.zeros(3, 3))
+    add_heavy_tailed_noise([("p", p)], 1.5, 0.1)
+    assert p.grad_fn is None and p.requires_grad and np.isfinite(p.detach().numpy()).all()
