@@ -177,7 +177,8 @@ def test_lr_scheduler_is_followed_and_stats_are_logged_at_log_every_n_steps(tmp_
     pl_trainer = trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(alpha, sigma, seed=0)], logger=logger,
                          log_every_n_steps=2)
     pl_trainer.fit(Halving())
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     logged = {int(r["step"]): float(r["heavytail/noise_scale"]) for r in rows if r.get("heavytail/noise_scale")}
     # noise steps 0 and 2 are logged; the lr at noise step k is 0.4 * 0.5**k
     assert sorted(logged) == [0, 2]
@@ -202,7 +203,7 @@ def test_resume_from_checkpoint_is_bitwise_equal_to_an_uninterrupted_run(tmp_pat
     # the resumed callback is built without a seed: the seed and the step count come from the checkpoint
     resumed, cb = run("resumed", 3, seed=None, ckpt_path=tmp_path / "resumed" / "last.ckpt")
     assert cb.resolved_seed == 1234 and cb.noise_step == 3 * STEPS_PER_EPOCH
-    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
     other_seed, _ = run("other", 3, seed=4321)  # the noise matters: another seed ends elsewhere
     assert not torch.equal(other_seed.hidden.weight, straight.hidden.weight)
@@ -266,7 +267,7 @@ def test_params_of_the_wrong_type_fail_at_construction():
 
 
 def test_sharding_strategies_are_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="FSDPStrategy.*shards parameters.*ddp"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*shards parameters.*ddp"):
         check_strategy_supported(FSDPStrategy())
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         check_strategy_supported(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
