@@ -1,0 +1,372 @@
+r"""Compressibility of weights: best-k error, the fraction of prunable units, and tail-index estimates.
+
+Notation: :math:`w \in \mathbb{R}^n` is a weight tensor flattened, :math:`W` the same tensor seen as units along dim 0
+(rows of a Linear weight, filters of a conv kernel), :math:`\|\cdot\|` the Euclidean (Frobenius) norm.
+
+- **Relative best-k error** (Barsbey et al., 2021): with :math:`w_k` keeping the :math:`k = n - \mathrm{round}(s\,n)`
+  entries of largest magnitude and zeroing the rest,
+  :math:`\varepsilon_s(w) = \|w - w_k\| / \|w\|`. Small at high sparsity :math:`s` means compressible.
+- **Fraction of prunable units** (Wan et al., 2024, the paper's measure): order the units by :math:`\ell_2` norm,
+  :math:`\|W_{(1)}\| \le \dots \le \|W_{(N)}\|`; the fraction is :math:`\max\{j : \sum_{i \le j} \|W_{(i)}\|^2 \le
+  \epsilon \|W\|_F^2\} / N`, the share of units that can be zeroed at a relative squared Frobenius error of at most
+  :math:`\epsilon` (default 0.1).
+- **Tail index** :math:`\alpha` of the weights' law, read as the index of a symmetric :math:`\alpha`-stable law
+  (heavier tails, smaller :math:`\alpha`; :math:`\alpha = 2` is Gaussian). Two estimators on the entries of one tensor:
+
+  * Mohammadi, Mohammadpour and Ogata (2015): split the entries into :math:`K` blocks of :math:`m`, sum each block
+    (:math:`Y_j`); for i.i.d. S\ :math:`\alpha`\ S entries :math:`Y_j \overset{d}{=} m^{1/\alpha} X`, so
+
+    .. math:: \hat\alpha = \log m \Big/ \Big(\frac{1}{K}\sum_{j} \log|Y_j| - \frac{1}{Km}\sum_{i} \log|X_i|\Big),
+
+    clipped to :math:`(0, 2]`; default :math:`m = \lfloor\sqrt{n}\rfloor`.
+  * Hill (1975): with :math:`|X|_{(1)} \ge |X|_{(2)} \ge \dots` the magnitudes in decreasing order,
+
+    .. math:: \hat\alpha = k \Big/ \sum_{i=1}^{k} \big(\log |X|_{(i)} - \log |X|_{(k+1)}\big),
+
+    default :math:`k = \lfloor\sqrt{n}\rfloor`. It estimates the Pareto index of the tail and is not clipped: values
+    above 2 mean tails lighter than any stable law with :math:`\alpha < 2`. For stable laws near :math:`\alpha = 2`
+    it is biased upwards (the Pareto regime sets in far out in the tail).
+
+  These estimate the stable index of the **weights themselves**. They are not WeightWatcher's "alpha", which is the
+  power-law exponent fitted to the eigenvalue spectrum of :math:`W^\top W`, a different quantity on a different
+  scale. Both estimators assume i.i.d. entries; exact zeros (e.g. pruned weights) are left out.
+
+Any metric of a tensor holding NaN or infinity is NaN: nothing meaningful can be said, and a metric is no place to stop
+a run.
+
+References:
+    M. Mohammadi, A. Mohammadpour, H. Ogata, "On estimating the tail index and the spectral measure of multivariate
+    alpha-stable distributions", Metrika 78, 2015.
+    B. M. Hill, "A simple general approach to inference about the tail of a distribution", Ann. Statist. 3(5), 1975.
+    M. Barsbey, M. Sefidgaran, M. A. Erdogdu, G. Richard, U. Şimşekli, "Heavy tails in SGD and compressibility of
+    overparametrized neural networks", NeurIPS 2021.
+    Y. Wan, M. Barsbey, A. Zaidi, U. Şimşekli, "Implicit compressibility of overparametrized neural networks trained
+    with heavy-tailed SGD", ICML 2024 (arXiv 2306.08125).
+    C. H. Martin, M. W. Mahoney, "Heavy-tailed universality predicts trends in test accuracies", 2019 (WeightWatcher's
+    spectral exponent, for contrast).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_heavytail._checks import check_int
+from lightning_heavytail.pruning import _validate_exclude, validate_sparsities
+from lightning_heavytail.selection import ParamSelector, select_parameters
+
+__all__ = [
+    "best_k_relative_error",
+    "compressibility_report",
+    "fraction_prunable",
+    "hill_alpha",
+    "mohammadi_alpha",
+]
+
+DEFAULT_REPORT_SPARSITIES: tuple[float, ...] = (0.5, 0.9, 0.99)
+"""Sparsity levels at which :func:`compressibility_report` gives the best-k error."""
+
+
+def _check_weight(weight: Any, argument: str = "weight") -> Tensor:
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"`{argument}` must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim == 0 or weight.numel() == 0:
+        raise ValueError(
+            f"`{argument}` must have at least one dimension and one entry, got shape {tuple(weight.shape)}"
+        )
+    return weight.detach()
+
+
+def _check_epsilon(epsilon: Any) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= float(epsilon) <= 1.0:
+        raise ValueError(f"`epsilon` must be a number in [0, 1] (a share of the squared norm), got {epsilon!r}")
+    return float(epsilon)
+
+
+def _check_sparsity(sparsity: Any) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _is_finite(weight: Tensor) -> bool:
+    return bool(torch.isfinite(weight).all().item())
+
+
+def _best_k_errors(magnitudes_sorted: Tensor, sparsities: Sequence[float]) -> list[float]:
+    """Relative best-k errors at each sparsity, from magnitudes sorted ascending (float64 sums)."""
+    total = magnitudes_sorted.to(torch.float64).square().sum()
+    if total.item() == 0.0:
+        return [0.0 for _ in sparsities]  # the zero tensor loses nothing
+    n = magnitudes_sorted.numel()
+    errors = []
+    for sparsity in sparsities:
+        dropped = magnitudes_sorted[: round(sparsity * n)].to(torch.float64).square().sum()
+        errors.append(math.sqrt((dropped / total).item()))
+    return errors
+
+
+def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
+    r"""Relative error :math:`\|w - w_k\| / \|w\|` of keeping only the largest :math:`1 - s` share of the entries.
+
+    :math:`w_k` keeps the :math:`n - \mathrm{round}(s\,n)` entries of largest magnitude (the same count the
+    ``"global"`` pruning method keeps) and zeroes the rest. The zero tensor has error 0.
+
+    Args:
+        weight: any tensor, read as a flat vector.
+        sparsity: the share of entries dropped, in [0, 1).
+
+    Returns:
+        The error in [0, 1]; NaN if ``weight`` holds NaN or infinity.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([3.0, -4.0, 0.0, 0.0])
+        >>> best_k_relative_error(w, 0.5)  # drops the two zeros
+        0.0
+        >>> best_k_relative_error(w, 0.75)  # drops 0, 0 and 3: sqrt(9 / 25)
+        0.6
+    """
+    weight = _check_weight(weight)
+    level = _check_sparsity(sparsity)
+    if not _is_finite(weight):
+        return math.nan
+    return _best_k_errors(weight.abs().flatten().sort().values, [level])[0]
+
+
+def _prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
+    """(units that can be zeroed within the budget, units) for units along dim 0."""
+    sq_norms = weight.reshape(weight.shape[0], -1).to(torch.float64).square().sum(dim=1)
+    budget = epsilon * sq_norms.sum().item()
+    cumulative = sq_norms.sort().values.cumsum(dim=0)
+    return int((cumulative <= budget).sum().item()), int(sq_norms.numel())
+
+
+def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
+    r"""Share of output units (dim 0) that can be zeroed at a relative squared Frobenius error of at most ``epsilon``.
+
+    Units are zeroed in increasing order of :math:`\ell_2` norm while the zeroed squared norm stays at most
+    :math:`\epsilon\,\|W\|_F^2` (Wan et al., 2024). Sums are in float64; the comparison is exact (``<=``).
+
+    Args:
+        weight: a tensor whose dim 0 indexes units (Linear ``(out, in)``, conv ``(out, in, *kernel)``); for a 1-D
+            tensor every entry is a unit.
+        epsilon: the error budget, a share of the squared norm in [0, 1].
+
+    Returns:
+        The fraction in [0, 1]; NaN if ``weight`` holds NaN or infinity.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [0.0, 3.0]])  # squared norms 1, 1, 8, 9: total 19
+        >>> fraction_prunable(w, 0.1)  # budget 1.9: only one unit of squared norm 1
+        0.25
+        >>> fraction_prunable(w, 0.2)  # budget 3.8: both units of squared norm 1
+        0.5
+    """
+    weight = _check_weight(weight)
+    eps = _check_epsilon(epsilon)
+    if not _is_finite(weight):
+        return math.nan
+    prunable, units = _prunable_units(weight, eps)
+    return prunable / units
+
+
+def _nonzero_entries(weight: Tensor) -> Tensor:
+    flat = weight.flatten().to(torch.float64)
+    return flat[flat != 0]
+
+
+def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
+    r"""Estimate the stable index of the entries of ``weight`` (Mohammadi et al., 2015), clipped to (0, 2].
+
+    The nonzero entries, in flattened order, are cut into :math:`K = \lfloor n/m \rfloor` blocks of ``m`` (a remainder
+    is left out) and :math:`\hat\alpha = \log m / (\overline{\log|Y|} - \overline{\log|X|})` with :math:`Y` the block
+    sums, see the module docstring. Assumes i.i.d. symmetric entries.
+
+    Args:
+        weight: any tensor.
+        m: the block size, at least 2 and at most the number of nonzero entries; default
+            :math:`\lfloor\sqrt{n}\rfloor`.
+
+    Returns:
+        The estimate in (0, 2]; NaN if ``weight`` holds NaN or infinity.
+
+    Raises:
+        ValueError: if ``m`` is not an int >= 2, or ``weight`` has too few nonzero entries (4 for the default ``m``).
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> abs(mohammadi_alpha(torch.randn(100_000)) - 2.0) < 0.15  # Gaussian: alpha = 2
+        True
+        >>> abs(mohammadi_alpha(torch.distributions.Cauchy(0.0, 1.0).sample((100_000,))) - 1.0) < 0.1
+        True
+    """
+    weight = _check_weight(weight)
+    check_int(m, "m", minimum=2, allow_none=True)
+    if not _is_finite(weight):
+        return math.nan
+    x = _nonzero_entries(weight)
+    n = x.numel()
+    block = math.isqrt(n) if m is None else m
+    if block < 2 or block > n:
+        raise ValueError(
+            f"mohammadi_alpha needs a block size `m` in [2, {n}] (the number of nonzero entries of `weight`), got"
+            f" m={block}" + (" (the default, sqrt of the count)" if m is None else "")
+        )
+    blocks = n // block
+    x = x[: blocks * block]
+    y = x.reshape(blocks, block).sum(dim=1)
+    y = y[y != 0]  # a block summing to exactly zero has no logarithm (probability zero for continuous laws)
+    gap = (y.abs().log().mean() - x.abs().log().mean()).item()
+    if gap <= 0.0:  # sums no larger than the summands: lighter than Gaussian at this sample size
+        return 2.0
+    return min(math.log(block) / gap, 2.0)
+
+
+def hill_alpha(weight: Tensor, k: int | None = None) -> float:
+    r"""Hill's (1975) estimate of the tail index of the magnitudes of ``weight``'s entries (not clipped).
+
+    :math:`\hat\alpha = k / \sum_{i \le k} (\log|X|_{(i)} - \log|X|_{(k+1)})` over the ``k`` largest magnitudes, see
+    the module docstring. Exact zeros are left out.
+
+    Args:
+        weight: any tensor.
+        k: the number of upper order statistics, at least 1 and less than the number of nonzero entries; default
+            :math:`\lfloor\sqrt{n}\rfloor`.
+
+    Returns:
+        The estimate (> 0, may exceed 2 for light tails; ``inf`` if the ``k + 1`` largest magnitudes are equal); NaN if
+        ``weight`` holds NaN or infinity.
+
+    Raises:
+        ValueError: if ``k`` is not an int >= 1, or ``weight`` has at most ``k`` nonzero entries.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> pareto = torch.distributions.Pareto(1.0, 1.5).sample((100_000,))  # tail index 1.5
+        >>> round(hill_alpha(pareto), 1)
+        1.5
+    """
+    weight = _check_weight(weight)
+    check_int(k, "k", minimum=1, allow_none=True)
+    if not _is_finite(weight):
+        return math.nan
+    x = _nonzero_entries(weight).abs()
+    n = x.numel()
+    order = math.isqrt(n) if k is None else k
+    if order < 1 or order >= n:
+        raise ValueError(
+            f"hill_alpha needs `k` in [1, {n - 1}] (fewer than the {n} nonzero entries of `weight`), got k={order}"
+            + (" (the default, sqrt of the count)" if k is None else "")
+        )
+    top = x.topk(order + 1).values.log()  # descending; topk, not a full sort
+    spread = (top[:order] - top[order]).sum().item()
+    return math.inf if spread == 0.0 else order / spread
+
+
+def _report_keys(levels: Sequence[float]) -> list[str]:
+    keys = [f"best_k_error@{level:.2f}" for level in levels]
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            f"`sparsities` must differ at two decimals, since the report's keys show two ({keys}); got {list(levels)}"
+        )
+    return keys
+
+
+def _tail_estimate(estimator: Any, weight: Tensor) -> float:
+    try:
+        return float(estimator(weight))
+    except ValueError:  # too few nonzero entries: no estimate for this tensor
+        return math.nan
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def compressibility_report(
+    model: nn.Module,
+    *,
+    params: ParamSelector = "weights",
+    exclude: Sequence[str] = (),
+    sparsities: Sequence[float] = DEFAULT_REPORT_SPARSITIES,
+    epsilon: float = 0.1,
+) -> dict[str, float]:
+    """Every compressibility metric of the selected parameters, per parameter and in total, as a flat dict.
+
+    Keys (``<name>`` a parameter name such as ``0.weight``, levels with two decimals):
+
+    - ``fraction_prunable/<name>``, and ``fraction_prunable/total`` = prunable units summed / units summed, each
+      tensor at its own budget ``epsilon``;
+    - ``best_k_error@0.90/<name>``, and ``best_k_error@0.90/total`` over all selected entries pooled (one global
+      magnitude ranking, as the ``"global"`` pruning method);
+    - ``alpha_mohammadi/<name>``, ``alpha_hill/<name>`` with default block size / order, and their means over the
+      tensors, ``alpha_mohammadi/mean``, ``alpha_hill/mean``. A tensor with too few nonzero entries for an estimator
+      (fewer than 4) gets NaN there and is left out of the mean.
+
+    Args:
+        model: the model; it is only read.
+        params: which parameters, as in :func:`~lightning_heavytail.selection.select_parameters`.
+        exclude: glob patterns of names to leave out.
+        sparsities: levels for the best-k error, strictly increasing in [0, 1), distinct at two decimals.
+        epsilon: the error budget of the fraction of prunable units, in [0, 1].
+
+    Returns:
+        Metric name -> float.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        >>> report = compressibility_report(net, sparsities=(0.9,))
+        >>> sorted(key for key in report if key.endswith("/total"))
+        ['best_k_error@0.90/total', 'fraction_prunable/total']
+        >>> 0.0 <= report["fraction_prunable/0.weight"] <= 1.0
+        True
+    """
+    levels = validate_sparsities(sparsities)
+    keys = _report_keys(levels)
+    eps = _check_epsilon(epsilon)
+    selected = select_parameters(model, params, exclude=_validate_exclude(exclude))
+    report: dict[str, float] = {}
+    prunable_total = units_total = 0
+    alphas: dict[str, list[float]] = {"alpha_mohammadi": [], "alpha_hill": []}
+    with torch.no_grad():
+        finite = all(_is_finite(p) for _, p in selected)
+        for name, param in selected:
+            weight = param.detach()
+            if finite:
+                prunable, units = _prunable_units(weight, eps)
+                report[f"fraction_prunable/{name}"] = prunable / units
+                prunable_total, units_total = prunable_total + prunable, units_total + units
+                errors = _best_k_errors(weight.abs().flatten().sort().values, levels)
+            else:
+                report[f"fraction_prunable/{name}"] = fraction_prunable(weight, eps)
+                errors = [best_k_relative_error(weight, level) for level in levels]
+            for key, error in zip(keys, errors, strict=True):
+                report[f"{key}/{name}"] = error
+            for label, estimator in (("alpha_mohammadi", mohammadi_alpha), ("alpha_hill", hill_alpha)):
+                value = _tail_estimate(estimator, weight)
+                report[f"{label}/{name}"] = value
+                alphas[label].append(value)
+        report["fraction_prunable/total"] = prunable_total / units_total if finite else math.nan
+        if finite:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in selected) else torch.float32
+            pooled = torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]).sort().values
+            pooled_errors = _best_k_errors(pooled, levels)
+            del pooled
+        else:
+            pooled_errors = [math.nan] * len(levels)
+        for key, error in zip(keys, pooled_errors, strict=True):
+            report[f"{key}/total"] = error
+    for label, values in alphas.items():
+        report[f"{label}/mean"] = _nanmean(values)
+    return report
