@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_int
-from lightning_heavytail.pruning import _validate_exclude, validate_sparsities
+from lightning_heavytail.pruning import _sort_ascending, _validate_exclude, validate_sparsities
 from lightning_heavytail.selection import ParamSelector, select_parameters
 
 __all__ = [
@@ -136,14 +136,14 @@ def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
     level = _check_sparsity(sparsity)
     if not _is_finite(weight):
         return math.nan
-    return _best_k_errors(weight.abs().flatten().sort().values, [level])[0]
+    return _best_k_errors(_sort_ascending(weight.abs().flatten()), [level])[0]
 
 
 def _prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
     """(units that can be zeroed within the budget, units) for units along dim 0."""
     sq_norms = weight.reshape(weight.shape[0], -1).to(torch.float64).square().sum(dim=1)
     budget = epsilon * sq_norms.sum().item()
-    cumulative = sq_norms.sort().values.cumsum(dim=0)
+    cumulative = _sort_ascending(sq_norms).cumsum(dim=0)
     return int((cumulative <= budget).sum().item()), int(sq_norms.numel())
 
 
@@ -347,7 +347,7 @@ def compressibility_report(
                 prunable, units = _prunable_units(weight, eps)
                 report[f"fraction_prunable/{name}"] = prunable / units
                 prunable_total, units_total = prunable_total + prunable, units_total + units
-                errors = _best_k_errors(weight.abs().flatten().sort().values, levels)
+                errors = _best_k_errors(_sort_ascending(weight.abs().flatten()), levels)
             else:
                 report[f"fraction_prunable/{name}"] = fraction_prunable(weight, eps)
                 errors = [best_k_relative_error(weight, level) for level in levels]
@@ -360,7 +360,7 @@ def compressibility_report(
         report["fraction_prunable/total"] = prunable_total / units_total if finite else math.nan
         if finite:
             dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in selected) else torch.float32
-            pooled = torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]).sort().values
+            pooled = _sort_ascending(torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]))
             pooled_errors = _best_k_errors(pooled, levels)
             del pooled
         else:

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -361,6 +362,17 @@ def _model_preserved(model: nn.Module, touched: Sequence[tuple[Tensor, Tensor]] 
 # --------------------------------------------------------------------------------------------------------------------
 # Mask methods
 # --------------------------------------------------------------------------------------------------------------------
+def _sort_ascending(values: Tensor) -> Tensor:
+    """The values of a 1-D tensor in ascending order (NaN last).
+
+    On the CPU numpy's value-only sort is about 10x faster than ``torch.sort``, which also builds an int64 index
+    (measured 0.25 s vs 2.7 s for 2**24 floats on 2 cores); elsewhere ``torch.sort``.
+    """
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(values.numpy()))
+    return values.sort().values
+
+
 def _kth_threshold(sorted_scores: Tensor, level: float) -> float | None:
     """Largest score to zero at ``level``: the k-th smallest, k = round(level * n); None when nothing is pruned."""
     k = round(level * sorted_scores.numel())
@@ -384,14 +396,14 @@ def _mask_thresholds(method: str, backups: Sequence[Tensor], levels: Sequence[fl
     """thresholds[level][tensor] from one sort (global) or one sort per tensor (layerwise, neuron)."""
     if method == "global":
         dtype = _score_dtype(backups)
-        ranked = torch.cat([_magnitudes(b, dtype).flatten() for b in backups]).sort().values
+        ranked = _sort_ascending(torch.cat([_magnitudes(b, dtype).flatten() for b in backups]))
         per_level = [_kth_threshold(ranked, level) for level in levels]
         del ranked
         return [[t] * len(backups) for t in per_level]
     sources = scores if scores is not None else [b.abs() for b in backups]
     by_tensor = []
     for src in sources:
-        ranked = src.flatten().sort().values
+        ranked = _sort_ascending(src.flatten())
         by_tensor.append([_kth_threshold(ranked, level) for level in levels])
     return [list(col) for col in zip(*by_tensor, strict=True)]
 
