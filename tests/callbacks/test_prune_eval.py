@@ -1,0 +1,652 @@
+"""PruneEvalCallback: real Trainers, real loggers and event files, real 2-process DDP on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback
+from lightning_heavytail.pruning import evaluate_pruning_curve
+
+LEVELS = (0.0, 0.5, 0.8, 0.95)
+
+# ------------------------------------------------------------------ helpers (module level: picklable for spawn)
+
+
+class TinyNet(LightningModule):
+    """MLP with a BatchNorm (buffers, train/eval behaviour), dropout, and a frozen parameter."""
+
+    def __init__(self, width: int = 32, classes: int = 3, momentum: float = 0.9, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, classes)
+        )
+        self.frozen = nn.Parameter(torch.ones(4, 4), requires_grad=False)
+        self.momentum = momentum
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class PlainMLP(LightningModule):
+    """Bias-free two-layer MLP: the tiny model for the independent computation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 24, bias=False)
+        self.out = nn.Linear(24, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def dataset(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # learnable, 3 classes
+    return TensorDataset(x, y)
+
+
+def loader(n: int, seed: int, batch_size: int = 8) -> DataLoader:
+    return DataLoader(dataset(n, seed), batch_size=batch_size)
+
+
+class SampleCount(Metric):
+    """Number of samples seen (summed over ranks): shows which data was evaluated, and that none was duplicated."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.n += target.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.n
+
+
+def counting_metrics() -> MetricCollection:
+    return MetricCollection({"accuracy": MulticlassAccuracy(num_classes=3, average="micro"), "count": SampleCount()})
+
+
+class Snapshot(Callback):
+    """Records the full model and optimizer state at on_train_epoch_end (place it before/after the callback)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.states.append(capture(trainer, pl_module))
+
+
+def capture(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    opt = trainer.optimizers[0]
+    params = [p for group in opt.param_groups for p in group["params"]]  # checkpoint numbering
+    return {
+        "tensors": {k: v.detach().clone() for k, v in pl_module.state_dict(keep_vars=True).items()},
+        "training": {name: m.training for name, m in pl_module.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in pl_module.named_parameters()},
+        "opt_state": {
+            i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state
+        },
+        "opt_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for key in a["tensors"]:
+        assert torch.equal(a["tensors"][key], b["tensors"][key]), key  # bitwise (no NaN in these models)
+    assert a["training"] == b["training"]
+    assert a["requires_grad"] == b["requires_grad"]
+    assert a["opt_state"].keys() == b["opt_state"].keys()
+    for i in a["opt_state"]:
+        for k in a["opt_state"][i]:
+            assert torch.equal(a["opt_state"][i][k], b["opt_state"][i][k]), (i, k)
+    assert a["opt_groups"] == b["opt_groups"]
+    assert a["grad_enabled"] == b["grad_enabled"]
+
+
+def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+class DataModule(LightningDataModule):
+    def __init__(self, test: bool = True, val: bool = True) -> None:
+        super().__init__()
+        self.has_test = test
+        self.has_val = val
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(32, seed=1)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test:
+            raise AssertionError("unreachable")
+        return loader(20, seed=2, batch_size=6)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.has_val:
+            raise AssertionError("unreachable")
+        return loader(12, seed=3, batch_size=5)
+
+
+class ValOnlyDataModule(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader(32, seed=1)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(12, seed=3, batch_size=5)
+
+
+class TrainOnlyDataModule(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader(32, seed=1)
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sparsities": (0.0, 1.0)}, ValueError, "sparsities"),
+        ({"sparsities": (-0.1, 0.5)}, ValueError, "sparsities"),
+        ({"sparsities": (0.5, 0.2)}, ValueError, "sparsities"),
+        ({"sparsities": (0.2, 0.2)}, ValueError, "sparsities"),
+        ({"sparsities": ()}, ValueError, "sparsities"),
+        ({"method": "random"}, ValueError, "method"),
+        ({"method": ("global", "magic")}, ValueError, "method"),
+        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1, got 0"),
+        ({"every_n_epochs": 1.5}, ValueError, "every_n_epochs"),
+        ({"metrics": "accuracy"}, TypeError, r"`metrics` must be None, a torchmetrics Metric .* got str"),
+        ({"dataloader": 3}, TypeError, "`dataloader` must be None or an iterable"),
+        ({"dataloader": iter([1, 2])}, ValueError, "`dataloader` must be re-iterable"),
+        ({"params": 3}, TypeError, "`params`"),
+        ({"exclude": 3}, ValueError, "`exclude` must be a glob pattern or a sequence of patterns, got 3"),
+        ({"forward_fn": 3}, TypeError, "`forward_fn` must be None or a callable"),
+        ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\], got -0.1"),
+        ({"epsilon": 1.5}, ValueError, "`epsilon`"),
+        ({"report_sparsities": (0.9, 0.5)}, ValueError, "`report_sparsities`"),
+        ({"report_sparsities": (0.9, 0.901)}, ValueError, "`report_sparsities` must differ at two decimals"),
+        ({"sparsities": (0.99, 0.991)}, ValueError, r"`report_sparsities` .* \(taken from `sparsities`\)"),
+        ({"log_prefix": ""}, ValueError, "`log_prefix`"),
+        ({"log_prefix": "pruning/"}, ValueError, "`log_prefix`"),
+        ({"compressibility": 1}, TypeError, "`compressibility` must be True or False, got 1"),
+        ({"log_figure": "yes"}, TypeError, "`log_figure`"),
+        ({"filename": "a/b"}, ValueError, "`filename`"),
+        ({"filename": ""}, ValueError, "`filename`"),
+        ({"auc_metric": ""}, ValueError, "`auc_metric`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        PruneEvalCallback(**kwargs)
+
+
+def test_level_names_two_decimals_unless_ambiguous() -> None:
+    assert PruneEvalCallback().level_names == ("0.00", "0.50", "0.70", "0.80", "0.90", "0.95", "0.99")
+    callback = PruneEvalCallback(sparsities=(0.5, 0.99, 0.995), report_sparsities=(0.5, 0.99))
+    assert callback.level_names == ("0.500", "0.990", "0.995")
+    assert PruneEvalCallback().report_sparsities == (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    assert PruneEvalCallback(sparsities=(0.0,)).report_sparsities == (0.5, 0.9, 0.99)
+    assert PruneEvalCallback(method=["neuron", "global"]).methods == ("neuron", "global")
+
+
+def test_distinct_callbacks_have_distinct_state_keys() -> None:
+    a, b = PruneEvalCallback(), PruneEvalCallback(method="neuron", log_prefix="p2")
+    assert a.state_key != b.state_key
+    assert a.state_key == PruneEvalCallback().state_key
+
+
+# --------------------------------------------------------------------------- setup-time errors and data sources
+
+
+def test_no_data_is_an_error_at_setup(tmp_path: Path) -> None:
+    model = TinyNet()
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[PruneEvalCallback()])
+    with pytest.raises(ValueError, match="PruneEvalCallback found no evaluation data: pass `dataloader=`"):
+        trainer.fit(model, datamodule=TrainOnlyDataModule())
+    assert trainer.global_step == 0
+
+
+def test_no_prunable_parameter_is_an_error_before_training(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(dataloader=loader(16, 0), params="nothing.*")
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
+        trainer.fit(TinyNet(), loader(32, 1))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("fit_kwargs", "source", "count"),
+    [
+        ({"datamodule": DataModule()}, "the datamodule's `test_dataloader()`", 20),
+        ({"datamodule": DataModule(test=False)}, "the datamodule's `test_dataloader()`", None),
+        ({"datamodule": ValOnlyDataModule()}, "the datamodule's `val_dataloader()`", 12),
+        (
+            {"train_dataloaders": loader(32, 1), "val_dataloaders": [loader(12, 3, 5), loader(8, 4, 3)]},
+            "the `val_dataloaders` passed to `trainer.fit`",
+            20,
+        ),
+    ],
+)
+def test_data_source_resolution(tmp_path: Path, fit_kwargs: dict[str, Any], source: str, count: int | None) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), metrics=counting_metrics(), compressibility=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    if count is None:  # the datamodule's test_dataloader is defined but fails during fit: a clear error, not a crash
+        with pytest.raises(RuntimeError, match="could not get its evaluation data from the datamodule's"):
+            trainer.fit(TinyNet(), **fit_kwargs)
+        return
+    trainer.fit(TinyNet(), **fit_kwargs)
+    assert callback.data_source == source
+    assert callback.history[0]["curves"]["global"]["metrics"]["count"] == [count, count]
+
+
+def test_given_dataloader_wins_over_datamodule(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(
+        sparsities=(0.0,), dataloader=loader(7, 5, 2), metrics=counting_metrics(), compressibility=False
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(TinyNet(), datamodule=DataModule())
+    assert callback.data_source == "the `dataloader` argument"
+    assert callback.history[0]["curves"]["global"]["metrics"]["count"] == [7]
+
+
+# --------------------------------------------------------------------------- the model is never changed
+
+
+def test_model_optimizer_and_modes_untouched(tmp_path: Path) -> None:
+    before, after = Snapshot(), Snapshot()
+    callback = PruneEvalCallback(sparsities=LEVELS, method=("global", "layerwise", "neuron"), dataloader=loader(24, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[before, callback, after])
+    trainer.fit(TinyNet(), loader(32, 1))
+    assert len(callback.history) == 2
+    assert len(before.states) == len(after.states) == 2
+    for a, b in zip(before.states, after.states, strict=True):
+        assert_same_state(a, b)
+    # the evaluation really pruned something (else the checks above prove nothing)
+    accuracy = callback.history[-1]["curves"]["global"]["metrics"]["accuracy"]
+    assert len(set(accuracy)) > 1
+    # and it ran with the model in train mode around it (BatchNorm + Dropout), restored afterwards
+    assert before.states[0]["training"]["net.1"] is True
+
+
+class FailingLoader:
+    """Re-iterable; the second pass (second sparsity level) raises at its second batch."""
+
+    def __init__(self) -> None:
+        self.data = list(loader(24, 0))
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        for i, batch in enumerate(self.data):
+            if self.passes == 2 and i == 1:
+                raise RuntimeError("data failed mid-way")
+            yield batch
+
+
+def test_model_restored_when_evaluation_raises(tmp_path: Path) -> None:
+    before = Snapshot()
+    failing = FailingLoader()
+    callback = PruneEvalCallback(sparsities=(0.5, 0.9), dataloader=failing, compressibility=False)
+    model = TinyNet()
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[before, callback])
+    with pytest.raises(RuntimeError, match="data failed mid-way"):
+        trainer.fit(model, loader(32, 1))
+    assert failing.passes == 2  # the first level was evaluated (weights masked) before the failure
+    assert_same_state(before.states[0], capture(trainer, model))
+    assert callback.history == []
+
+
+def test_checkpoint_in_same_epoch_holds_unpruned_weights_and_monitor_works(tmp_path: Path) -> None:
+    before = Snapshot()
+    callback = PruneEvalCallback(sparsities=LEVELS, dataloader=loader(24, 0))
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="pruning/auc", mode="max", save_top_k=1, save_on_train_epoch_end=True
+    )
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, enable_checkpointing=True), callbacks=[before, callback, checkpoint]
+    )
+    model = TinyNet()
+    trainer.fit(model, loader(32, 1))
+    assert checkpoint.best_model_path
+    ckpt = torch.load(checkpoint.best_model_path, weights_only=False)
+    saved = ckpt["state_dict"]
+    for key, value in before.states[0]["tensors"].items():
+        assert torch.equal(saved[key], value), key
+    assert checkpoint.best_model_score is not None
+    auc = callback.history[0]["auc"]["global"]
+    assert checkpoint.best_model_score.item() == pytest.approx(auc, rel=1e-6)
+    assert ckpt["callbacks"][callback.state_key]["history"][0]["auc"]["global"] == auc
+    # the optimizer state in the checkpoint is the live one, untouched
+    momentum = ckpt["optimizer_states"][0]["state"]
+    assert momentum and all(
+        torch.equal(s["momentum_buffer"], before.states[0]["opt_state"][i]["momentum_buffer"])
+        for i, s in momentum.items()
+    )
+
+
+def test_early_stopping_can_monitor_the_auc(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.9), dataloader=loader(24, 0), compressibility=False)
+    # an improvement of 1.0 in a mean accuracy is impossible: the second check must stop the run
+    stopper = EarlyStopping(monitor="pruning/auc", mode="max", patience=0, min_delta=1.0, check_on_train_epoch_end=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=5), callbacks=[callback, stopper])
+    trainer.fit(TinyNet(), loader(32, 1))
+    assert stopper.stopped_epoch == 1
+    assert [entry["epoch"] for entry in callback.history] == [0, 1]
+
+
+def test_every_n_epochs(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), every_n_epochs=2)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=5, limit_train_batches=1), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    assert [entry["epoch"] for entry in callback.history] == [1, 3]
+    assert [entry["global_step"] for entry in callback.history] == [2, 4]
+
+
+# --------------------------------------------------------------------------- exact values
+
+
+def independent_curve(model: PlainMLP, data: TensorDataset, measured: list[float]) -> list[float]:
+    """Global magnitude pruning by hand: zero the k smallest |w| over both weights, k from the measured sparsity."""
+    weights = [model.hidden.weight.detach(), model.out.weight.detach()]
+    flat = torch.cat([w.flatten().abs() for w in weights])
+    x, y = data.tensors
+    accuracies = []
+    for fraction in measured:
+        k = round(fraction * flat.numel())
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[torch.argsort(flat)[:k]] = False
+        masks = keep.split([w.numel() for w in weights])
+        w1, w2 = (w * m.view_as(w) for w, m in zip(weights, masks, strict=True))
+        logits = torch.relu(x @ w1.T) @ w2.T
+        accuracies.append((logits.argmax(1) == y).double().mean().item())
+    return accuracies
+
+
+def test_exact_metric_at_each_level_against_independent_computation(tmp_path: Path) -> None:
+    data = dataset(50, seed=7)
+    callback = PruneEvalCallback(sparsities=(0.0, 0.3, 0.6, 0.9), dataloader=DataLoader(data, batch_size=16))
+    model = PlainMLP()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[callback])
+    trainer.fit(model, loader(32, 1))  # the last evaluation saw the final weights: nothing trains after it
+    curve = callback.history[-1]["curves"]["global"]
+    n = model.hidden.weight.numel() + model.out.weight.numel()
+    for requested, measured in zip(curve["requested"], curve["sparsities"], strict=True):
+        assert abs(measured - requested) <= 1.0 / n
+    expected = independent_curve(model, data, curve["sparsities"])
+    assert curve["metrics"]["accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert len(set(expected)) > 1
+    # what was logged is what the history holds
+    metrics = trainer.callback_metrics
+    for name, value in zip(callback.level_names, curve["metrics"]["accuracy"], strict=True):
+        assert metrics[f"pruning/accuracy@{name}"].item() == pytest.approx(value, abs=1e-6)
+        assert metrics[f"pruning/global/accuracy@{name}"].item() == pytest.approx(value, abs=1e-6)
+    xs, ys = curve["sparsities"], expected
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)) / (xs[-1] - xs[0])
+    assert callback.history[-1]["auc"]["global"] == pytest.approx(area, abs=1e-6)
+    assert metrics["pruning/auc"].item() == pytest.approx(area, abs=1e-6)
+
+
+def dict_forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return model(batch["features"]), batch["label"]
+
+
+def test_custom_metrics_forward_fn_and_several_methods(tmp_path: Path) -> None:
+    data = dataset(30, seed=9)
+    dict_batches = [{"features": x, "label": y} for x, y in DataLoader(data, batch_size=8)]
+    callback = PruneEvalCallback(
+        sparsities=(0.0, 0.5),
+        method=("neuron", "global"),
+        dataloader=dict_batches,
+        metrics=counting_metrics(),
+        forward_fn=dict_forward,
+        auc_metric="accuracy",
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    entry = callback.history[0]
+    assert list(entry["curves"]) == ["neuron", "global"]
+    assert entry["curves"]["global"]["metrics"]["count"] == [30, 30]
+    metrics = trainer.callback_metrics
+    neuron = entry["curves"]["neuron"]["metrics"]
+    assert metrics["pruning/accuracy@0.50"].item() == pytest.approx(neuron["accuracy"][1], abs=1e-6)
+    assert metrics["pruning/count@0.50"].item() == 30
+    assert metrics["pruning/global/count@0.50"].item() == 30
+    assert metrics["pruning/auc"].item() == pytest.approx(entry["auc"]["neuron"], abs=1e-6)
+    assert metrics["pruning/global/auc"].item() == pytest.approx(entry["auc"]["global"], abs=1e-6)
+    assert "pruning/neuron/measured_sparsity@0.50" in metrics
+    assert any(name.startswith("pruning/fraction_prunable/") for name in metrics)
+
+
+def test_unknown_auc_metric_is_a_clear_error(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), auc_metric="f1")
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"`auc_metric` must be one of \['accuracy'\] .* got 'f1'"):
+        trainer.fit(TinyNet(), loader(32, 1))
+
+
+# --------------------------------------------------------------------------- logging, files, state
+
+
+def test_tensorboard_event_file_has_scalars_and_curve_images(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    callback = PruneEvalCallback(sparsities=LEVELS, method=("global", "neuron"), dataloader=loader(24, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    logger.experiment.flush()
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for tag in (
+        "pruning/auc",
+        "pruning/accuracy@0.95",
+        "pruning/global/accuracy@0.50",
+        "pruning/neuron/accuracy@0.80",
+        "pruning/neuron/auc",
+        "pruning/global/measured_sparsity@0.95",
+        "pruning/fraction_prunable/total",
+    ):
+        assert tag in tags["scalars"], tag
+    auc_events = accumulator.Scalars("pruning/auc")
+    assert [event.step for event in auc_events] == [1, 3]  # Lightning logs epoch-end values at the last step's step
+    assert [event.value for event in auc_events] == pytest.approx([e["auc"]["global"] for e in callback.history])
+    assert {"pruning/global/curve", "pruning/neuron/curve"} <= set(tags["images"])
+    images = accumulator.Images("pruning/global/curve")
+    assert [image.step for image in images] == [1, 3]  # the scalars' steps
+    assert all(image.width > 100 and image.height > 100 for image in images)
+    assert images[1].encoded_image_string != images[0].encoded_image_string  # the second holds both epochs
+    assert (Path(logger.log_dir) / "prune_eval.json").is_file()
+    assert (Path(logger.log_dir) / "prune_eval.csv").is_file()
+
+
+def test_csv_logger_and_history_files(tmp_path: Path) -> None:
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("global", "layerwise"), dataloader=loader(24, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [row for row in rows if row.get("pruning/auc")]
+    assert len(logged) == 2
+    assert float(logged[-1]["pruning/layerwise/accuracy@0.90"]) == pytest.approx(
+        callback.history[-1]["curves"]["layerwise"]["metrics"]["accuracy"][2], abs=1e-6
+    )
+    with open(Path(logger.log_dir) / "prune_eval.csv") as f:
+        history_rows = list(csv.DictReader(f))
+    assert len(history_rows) == 2 * 2 * 3  # epochs x methods x levels
+    assert list(history_rows[0]) == ["epoch", "global_step", "method", "requested", "sparsity", "accuracy"]
+    last = [row for row in history_rows if row["epoch"] == "1" and row["method"] == "global"]
+    assert [float(row["accuracy"]) for row in last] == callback.history[1]["curves"]["global"]["metrics"]["accuracy"]
+    assert [float(row["sparsity"]) for row in last] == callback.history[1]["curves"]["global"]["sparsities"]
+
+
+def test_no_logger_writes_history_into_default_root_dir(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), filename="curves")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    with open(tmp_path / "curves.json") as f:
+        written = json.load(f)
+    assert written["methods"] == ["global"]
+    assert written["history"] == json.loads(json.dumps(callback.history))
+    assert len(written["history"]) == 2
+    assert (tmp_path / "curves.csv").is_file()
+    assert not (tmp_path / "prune_eval.json").exists()
+
+
+def test_filename_none_writes_nothing(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), filename=None)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(TinyNet(), loader(32, 1))
+    assert len(callback.history) == 1
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.csv"))
+
+
+def test_state_dict_round_trip_and_defaults() -> None:
+    callback = PruneEvalCallback()
+    callback.history = [{"epoch": 0, "global_step": 3, "curves": {}, "compressibility": {}, "auc": {"global": 0.5}}]
+    state = callback.state_dict()
+    callback.history[0]["epoch"] = 99  # the state is a copy
+    fresh = PruneEvalCallback()
+    fresh.load_state_dict(state)
+    assert fresh.history[0]["epoch"] == 0 and fresh.history[0]["auc"] == {"global": 0.5}
+    fresh.load_state_dict({})  # older or foreign checkpoints: defaults
+    assert fresh.history == []
+    fresh.load_state_dict({"history": [{"epoch": 2}]})
+    assert fresh.history == [
+        {"epoch": 2, "global_step": -1, "curves": {}, "compressibility": {}, "auc": {}, "auc_metric": "accuracy"}
+    ]
+
+
+def test_resume_from_checkpoint_continues_the_history(tmp_path: Path) -> None:
+    data = loader(24, 0)
+    first = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=data, compressibility=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, enable_checkpointing=True), callbacks=[first, checkpoint])
+    trainer.fit(TinyNet(), loader(32, 1))
+    resumed = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=data, compressibility=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[resumed])
+    trainer.fit(TinyNet(), loader(32, 1), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [entry["epoch"] for entry in resumed.history] == [0, 1]
+    assert resumed.history[0] == first.history[0]
+    with open(tmp_path / "prune_eval.json") as f:
+        assert [entry["epoch"] for entry in json.load(f)["history"]] == [0, 1]
+
+
+# --------------------------------------------------------------------------- distributed: real 2-process DDP
+
+
+class CountingDataModule(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader(32, seed=1)
+
+    def test_dataloader(self) -> DataLoader:
+        return loader(35, seed=11, batch_size=4)  # 9 batches, the last of 3: uneven over 2 ranks
+
+
+class DumpPerRank(Callback):
+    """Every rank writes what it holds (histories, logged metrics, weights) to a file of its own."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        held = {
+            "histories": {cb.log_prefix: cb.history for cb in trainer.callbacks if isinstance(cb, PruneEvalCallback)},
+            "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "world_size": trainer.world_size,
+        }
+        torch.save(held, os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Path) -> None:
+    given = PruneEvalCallback(
+        sparsities=LEVELS,
+        method=("global", "neuron"),
+        dataloader=loader(37, seed=10, batch_size=4),  # 10 batches, the last of 1
+        metrics=counting_metrics(),
+        log_prefix="given",
+    )
+    from_datamodule = PruneEvalCallback(sparsities=LEVELS, metrics=counting_metrics(), log_prefix="dm")
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, devices=2, strategy="ddp_spawn"),
+        callbacks=[given, from_datamodule, DumpPerRank(str(tmp_path))],
+    )
+    trainer.fit(PlainMLP(), datamodule=CountingDataModule())
+    held = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [h["world_size"] for h in held] == [2, 2]
+    # every rank holds the same weights, histories and logged values
+    for key in held[0]["state_dict"]:
+        assert torch.equal(held[0]["state_dict"][key], held[1]["state_dict"][key])
+    assert held[0]["histories"] == held[1]["histories"]
+    assert held[0]["callback_metrics"] == held[1]["callback_metrics"]
+    histories = held[0]["histories"]
+    assert [len(histories[p]) for p in ("given", "dm")] == [2, 2]
+    # no sample duplicated or lost: the synced count is the dataset size at every level
+    assert histories["given"][-1]["curves"]["global"]["metrics"]["count"] == [37] * len(LEVELS)
+    assert histories["dm"][-1]["curves"]["global"]["metrics"]["count"] == [35] * len(LEVELS)
+    # equal to the single-process curve on the same data and weights
+    model = PlainMLP()
+    model.load_state_dict(held[0]["state_dict"])
+    for prefix, data, methods in (
+        ("given", loader(37, seed=10, batch_size=4), ("global", "neuron")),
+        ("dm", loader(35, seed=11, batch_size=4), ("global",)),
+    ):
+        for method in methods:
+            single = evaluate_pruning_curve(model, data, LEVELS, method=method, metrics=counting_metrics())
+            assert histories[prefix][-1]["curves"][method] == single.to_dict(), (prefix, method)
+    assert held[0]["callback_metrics"]["given/auc"] == pytest.approx(histories["given"][-1]["auc"]["global"], abs=1e-6)
+    assert math.isfinite(held[0]["callback_metrics"]["dm/fraction_prunable/total"])
