@@ -45,57 +45,130 @@ _V_MAX_F32 = float(torch.tensor(math.pi / 2, dtype=torch.float32).nextafter(torc
 # exp() argument bound: the prefactor sin/cos is at most ~1/cos(V_MAX), so the product stays finite.
 _EXP_ARG_MAX = {torch.float32: 72.0, torch.float64: 690.0}
 
-# Tensors at least this large go through a torch.compile-fused transform when one is available (see _fused).
-_COMPILE_MIN_NUMEL = 1 << 20
+# Tensors at least this large are "large": on the CPU their float32 uniforms come from a counter-based generator (see
+# _counter_uniforms) rather than torch.rand, and on CPU/CUDA they go through a torch.compile-fused kernel when one is
+# available (see _compiled). LIGHTNING_HEAVYTAIL_COMPILE=0 turns compiling off; the draws are the same either way.
+_LARGE_NUMEL = 1 << 20
+_COMPILE_MIN_NUMEL = _LARGE_NUMEL
 _COMPILE_ENV = "LIGHTNING_HEAVYTAIL_COMPILE"
+# Chunk of the eager counter path: its temporaries (a few MB) stay in cache, with few passes per draw.
+_EAGER_CHUNK = 1 << 18
 
 _ShapeLike = int | Sequence[int] | torch.Size
 
 
-def _cms_transform(u: Tensor, alpha: Tensor | float, v_max: float, exp_arg_max: float) -> Tensor:
-    """Map uniforms ``u`` of shape ``(2, n)`` to standard SaS(1) draws of shape ``(n,)``.
+def _as_int64(value: int) -> int:
+    """The signed int64 with the same 64 bits as the unsigned ``value``."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64 (Steele, Lea, Flood 2014; the generator Java's SplittableRandom uses and xoshiro's authors recommend for
+# seeding): the i-th output of the stream with state ``key`` is mix(key + i * GOLDEN), so any block of the stream is
+# computed directly from its indices, in parallel, with int64 arithmetic that wraps modulo 2**64.
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MIX1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX2 = _as_int64(0x94D049BB133111EB)
+_U24 = 2.0**-24  # float32 uniforms on the grid k * 2**-24, k in [0, 2**24): the grid of torch.rand in float32
+
+
+def _srl(x: Tensor, shift: int) -> Tensor:
+    """Logical (unsigned) right shift of int64 bits; torch's ``>>`` on int64 is arithmetic."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _counter_uniforms(key: Tensor, start: int, count: int) -> tuple[Tensor, Tensor]:
+    """Two independent float32 uniforms per index: outputs ``start + 1 .. start + count`` of SplitMix64 from ``key``.
+
+    Each 64-bit output gives two disjoint 24-bit fields (bits 40-63 and 0-23), so the uniforms lie on the same grid
+    ``k * 2**-24`` as ``torch.rand(dtype=torch.float32)``, which the endpoint guards of :func:`_cms_transform` assume.
+    """
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=key.device) * _GOLDEN + key
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    z = z ^ _srl(z, 31)
+    return _srl(z, 40).to(torch.float32) * _U24, (z & 0xFFFFFF).to(torch.float32) * _U24
+
+
+def _cms_transform(u_v: Tensor, u_w: Tensor, alpha: Tensor | float, v_max: float, exp_arg_max: float) -> Tensor:
+    """Map two uniforms in [0, 1) per draw to standard SaS(1) draws: ``u_v`` gives V, ``u_w`` gives W.
 
     Written as ``sin(aV)/cos V * (cos((1-a)V) / (W cos V))**((1-a)/a)``, algebraically equal to the CMS formula but
     with one power (one exp, one log) instead of two.
     """
-    v = ((u[0] - 0.5) * math.pi).clamp(-v_max, v_max)
-    w = -torch.log(u[1].clamp_min(torch.finfo(u.dtype).tiny))
+    v = ((u_v - 0.5) * math.pi).clamp(-v_max, v_max)
+    w = -torch.log(u_w.clamp_min(torch.finfo(u_w.dtype).tiny))
     cos_v = torch.cos(v)
     power = (1.0 - alpha) / alpha * torch.log(torch.cos((1.0 - alpha) * v) / (w * cos_v))
     return torch.sin(alpha * v) / cos_v * torch.exp(power.clamp(max=exp_arg_max))
 
 
-_fused_lock = threading.Lock()
-_fused_transform: Callable[..., Tensor] | None = None
-_fused_failed = False
+def _counter_draws(key: Tensor, start: int, count: int, alpha: Tensor | float, v_max: float,
+                   exp_arg_max: float) -> Tensor:
+    """Standard SaS(1) draws ``start .. start + count - 1`` of the counter-based stream ``key`` (float32)."""
+    u_v, u_w = _counter_uniforms(key, start, count)
+    return _cms_transform(u_v, u_w, alpha, v_max, exp_arg_max)
 
 
-def _fused(device: torch.device) -> Callable[..., Tensor] | None:
-    """The torch.compile'd transform, or None where compiling is off, unsupported or failed once before."""
-    global _fused_transform, _fused_failed
+_compiled_lock = threading.Lock()
+_compiled_fns: dict[str, Callable[..., Tensor]] = {}
+_compile_failed = False
+
+
+def _compiled(name: str, device: torch.device) -> Callable[..., Tensor] | None:
+    """The torch.compile'd ``_cms_transform`` or ``_counter_draws`` (by name).
+
+    None where compiling is off, unsupported or failed once before.
+    """
     setting = os.environ.get(_COMPILE_ENV, "auto").lower()
-    if setting in ("0", "false", "off", "no") or _fused_failed or device.type not in ("cpu", "cuda"):
+    if setting in ("0", "false", "off", "no") or _compile_failed or device.type not in ("cpu", "cuda"):
         return None
-    with _fused_lock:
-        if _fused_transform is None:
-            _fused_transform = torch.compile(_cms_transform, dynamic=True)
-    return _fused_transform
+    with _compiled_lock:
+        if name not in _compiled_fns:
+            fn = _counter_draws if name == "counter" else _cms_transform
+            _compiled_fns[name] = torch.compile(fn, dynamic=True)
+    return _compiled_fns[name]
+
+
+def _counter_draws_eager(key: Tensor, numel: int, alpha: float, v_max: float, exp_arg_max: float) -> Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=key.device)
+    for start in range(0, numel, _EAGER_CHUNK):
+        count = min(_EAGER_CHUNK, numel - start)
+        out[start:start + count] = _counter_draws(key, start, count, alpha, v_max, exp_arg_max)
+    return out
 
 
 def _standard_draws(alpha: float, numel: int, generator: torch.Generator | None, device: torch.device,
                     compute_dtype: torch.dtype) -> Tensor:
-    global _fused_failed
-    u = torch.rand((2, numel), generator=generator, device=device, dtype=compute_dtype)
+    """``numel`` standard SaS(1) draws in ``compute_dtype``.
+
+    The uniforms come from ``torch.rand`` on ``generator``, except for large float32 draws on the CPU: there
+    ``torch.rand`` is a serial Mersenne Twister whose 2 uniforms per draw would cost more than the whole transform, so
+    one 64-bit key is drawn from ``generator`` and the uniforms are SplitMix64 outputs computed from their indices
+    (in parallel, inside the fused kernel). The draws are a pure function of the generator's state either way, and the
+    compiled and eager paths use identical uniforms.
+    """
+    global _compile_failed
     v_max = _V_MAX_F32 if compute_dtype == torch.float32 else _V_MAX
     exp_arg_max = _EXP_ARG_MAX[compute_dtype]
-    fused = _fused(device) if numel >= _COMPILE_MIN_NUMEL else None
+    large = numel >= _LARGE_NUMEL
+    if large and device.type == "cpu" and compute_dtype == torch.float32:
+        key = torch.randint(-(1 << 63), (1 << 63) - 1, (), generator=generator, dtype=torch.int64, device=device)
+        fused = _compiled("counter", device)
+        if fused is not None:
+            try:
+                # alpha as a tensor: one compiled graph serves every alpha, no recompilation per value.
+                return fused(key, 0, numel, torch.tensor(alpha, dtype=compute_dtype), v_max, exp_arg_max)
+            except Exception:  # pragma: no cover - depends on the platform's compiler
+                _compile_failed = True
+        return _counter_draws_eager(key, numel, alpha, v_max, exp_arg_max)
+    u = torch.rand((2, numel), generator=generator, device=device, dtype=compute_dtype)
+    fused = _compiled("transform", device) if large else None
     if fused is not None:
         try:
-            # alpha as a tensor: one compiled graph serves every alpha, no recompilation per value.
-            return fused(u, torch.tensor(alpha, dtype=compute_dtype, device=device), v_max, exp_arg_max)
+            return fused(u[0], u[1], torch.tensor(alpha, dtype=compute_dtype, device=device), v_max, exp_arg_max)
         except Exception:  # pragma: no cover - depends on the platform's compiler
-            _fused_failed = True
-    return _cms_transform(u, alpha, v_max, exp_arg_max)
+            _compile_failed = True
+    return _cms_transform(u[0], u[1], alpha, v_max, exp_arg_max)
 
 
 def _resolve(shape: _ShapeLike, device: torch.device | str | None, dtype: torch.dtype,
