@@ -74,7 +74,7 @@ class PruneEvalCallback(Callback):
     ``log_prefix="pruning"``:
 
     - ``pruning/{metric}@{level:.2f}`` for the first method and ``pruning/{method}/{metric}@{level:.2f}`` for every
-      method, per requested level;
+      method, per requested level (more decimals only where two levels would share a name, see ``level_names``);
     - ``pruning/{method}/measured_sparsity@{level:.2f}``: the measured fraction pruned at that level;
     - ``pruning/auc`` (first method, ``auc_metric``) and ``pruning/{method}/auc``: the area under the metric-vs-measured
       sparsity curve, normalised by the sparsity span (the curve's mean value);
@@ -108,8 +108,9 @@ class PruneEvalCallback(Callback):
 
     Raises:
         ValueError: at construction, for a bad argument (the message names it, the allowed values and the value given);
-            at setup, if there is no evaluation data or no prunable parameter, or ``method="structured"`` and
-            torch-pruning cannot trace the model (the message names the layer and suggests another method).
+            at setup, if there is no evaluation data; at fit start, before the first training step, if nothing is
+            selected for pruning, or ``method="structured"`` and torch-pruning cannot trace the model (the message
+            names the layer and suggests another method), or under DDP the data has fewer batches than ranks.
         TypeError: at construction, for an argument of the wrong type.
 
     Example:
@@ -373,12 +374,12 @@ class PruneEvalCallback(Callback):
         for name, value in self._scalars(curves, entry).items():
             # identical on every rank (synced metrics, replicated weights): "max" syncs them exactly
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-        log_dir = trainer.log_dir  # a collective under DDP: every rank calls it
-        if trainer.is_global_zero:
-            if self.filename is not None:
+        if self.filename is not None:
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it
+            if trainer.is_global_zero:
                 _write_history(self.history, self.methods, log_dir or trainer.default_root_dir, self.filename)
-            if self.log_figure:
-                self._log_figures(trainer)
+        if self.log_figure and trainer.is_global_zero:
+            self._log_figures(trainer)
 
     def _auc_metric(self, curve: PruningCurve) -> str:
         """The metric whose area is logged: ``auc_metric``, else accuracy (default metric), else the first one."""

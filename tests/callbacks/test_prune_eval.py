@@ -16,11 +16,12 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback
+from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard
 from lightning_heavytail.pruning import evaluate_pruning_curve
 
 LEVELS = (0.0, 0.5, 0.8, 0.95)
@@ -49,6 +50,12 @@ class TinyNet(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class TinyNetWithValidation(TinyNet):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
 
 class PlainMLP(LightningModule):
@@ -305,10 +312,12 @@ def test_given_dataloader_wins_over_datamodule(tmp_path: Path) -> None:
 
 def test_model_optimizer_and_modes_untouched(tmp_path: Path) -> None:
     before, after = Snapshot(), Snapshot()
-    callback = PruneEvalCallback(sparsities=LEVELS, method=("global", "layerwise", "neuron"), dataloader=loader(24, 0))
+    methods = ("global", "layerwise", "neuron", "structured")
+    callback = PruneEvalCallback(sparsities=LEVELS, method=methods, dataloader=loader(24, 0))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[before, callback, after])
     trainer.fit(TinyNet(), loader(32, 1))
     assert len(callback.history) == 2
+    assert list(callback.history[0]["curves"]) == list(methods)
     assert len(before.states) == len(after.states) == 2
     for a, b in zip(before.states, after.states, strict=True):
         assert_same_state(a, b)
@@ -317,6 +326,39 @@ def test_model_optimizer_and_modes_untouched(tmp_path: Path) -> None:
     assert len(set(accuracy)) > 1
     # and it ran with the model in train mode around it (BatchNorm + Dropout), restored afterwards
     assert before.states[0]["training"]["net.1"] is True
+
+
+class DetachedHidden(LightningModule):
+    """torch-pruning cannot trace through the .detach(): structured pruning must be refused at fit start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(x)).detach()
+        return self.out(torch.relu(self.fc2(h)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_untraceable_model_for_structured_is_an_error_before_training(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(method=("global", "structured"), dataloader=loader(16, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match="method='neuron'") as info:
+        trainer.fit(DetachedHidden(), loader(32, 1))
+    assert "'fc1'" in str(info.value)
+    assert trainer.global_step == 0
+    # the suggested method works on the same model
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), method="neuron", dataloader=loader(16, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(DetachedHidden(), loader(32, 1))
+    assert callback.history[0]["curves"]["neuron"]["sparsities"][1] > 0.4
 
 
 class FailingLoader:
@@ -350,14 +392,15 @@ def test_model_restored_when_evaluation_raises(tmp_path: Path) -> None:
 def test_checkpoint_in_same_epoch_holds_unpruned_weights_and_monitor_works(tmp_path: Path) -> None:
     before = Snapshot()
     callback = PruneEvalCallback(sparsities=LEVELS, dataloader=loader(24, 0))
-    checkpoint = ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", monitor="pruning/auc", mode="max", save_top_k=1, save_on_train_epoch_end=True
-    )
+    # default save timing, with a validation loop in the epoch: Lightning saves at train epoch end, after the callback
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="pruning/auc", mode="max", save_top_k=1)
     trainer = Trainer(
-        **trainer_kwargs(tmp_path, enable_checkpointing=True), callbacks=[before, callback, checkpoint]
+        **trainer_kwargs(tmp_path, enable_checkpointing=True, limit_val_batches=1),
+        callbacks=[before, callback, checkpoint],
     )
-    model = TinyNet()
-    trainer.fit(model, loader(32, 1))
+    model = TinyNetWithValidation()
+    trainer.fit(model, loader(32, 1), loader(16, 2))
+    assert "val_loss" in trainer.callback_metrics  # validation did run in that epoch
     assert checkpoint.best_model_path
     ckpt = torch.load(checkpoint.best_model_path, weights_only=False)
     saved = ckpt["state_dict"]
@@ -587,6 +630,41 @@ def test_resume_from_checkpoint_continues_the_history(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- distributed: real 2-process DDP
 
 
+class Stream(IterableDataset):
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(torch.arange(11.0).split(1))
+
+
+def sample_ids(batches: Any) -> list[float]:
+    return [float(v) for batch in batches for v in (batch[0] if isinstance(batch, list) else batch).flatten()]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DataLoader(torch.arange(11.0), batch_size=2),  # rebuilt around a sharded batch sampler
+        lambda: DataLoader(torch.arange(11.0), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        lambda: DataLoader(Stream(), batch_size=2),  # iterable dataset: read in full, every 2nd batch kept
+        lambda: [torch.arange(11.0)[i : i + 2] for i in range(0, 11, 2)],  # plain list of batches
+    ],
+)
+def test_shards_cover_every_batch_exactly_once(make: Any) -> None:
+    whole = sample_ids(make())
+    shards = [sample_ids(_shard(make(), rank, 2)) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(whole) == [float(i) for i in range(11)]
+    assert len(shards[0]) == 6 and len(shards[1]) == 5  # batches 0, 2, 4 (+ the last of 1) and 1, 3
+    again = [sample_ids(_shard(make(), rank, 2)) for rank in range(2)]
+    assert again == shards  # re-iterable, same split each time
+
+
+def test_shard_keeps_a_user_distributed_sampler() -> None:
+    data = torch.arange(10.0)
+    user = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert _shard(user, 1, 2) is user
+    single = DataLoader(data, batch_size=2)
+    assert _shard(single, 0, 1) is single
+
+
 class CountingDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return loader(32, seed=1)
@@ -621,9 +699,15 @@ def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Pa
         log_prefix="given",
     )
     from_datamodule = PruneEvalCallback(sparsities=LEVELS, metrics=counting_metrics(), log_prefix="dm")
+    as_list = PruneEvalCallback(  # not a DataLoader: every rank reads all, keeps every 2nd batch
+        sparsities=LEVELS,
+        dataloader=list(loader(29, seed=12, batch_size=4)),
+        metrics=counting_metrics(),
+        log_prefix="list",
+    )
     trainer = Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=2, devices=2, strategy="ddp_spawn"),
-        callbacks=[given, from_datamodule, DumpPerRank(str(tmp_path))],
+        **trainer_kwargs(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn"),
+        callbacks=[given, from_datamodule, as_list, DumpPerRank(str(tmp_path))],
     )
     trainer.fit(PlainMLP(), datamodule=CountingDataModule())
     held = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -634,16 +718,18 @@ def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Pa
     assert held[0]["histories"] == held[1]["histories"]
     assert held[0]["callback_metrics"] == held[1]["callback_metrics"]
     histories = held[0]["histories"]
-    assert [len(histories[p]) for p in ("given", "dm")] == [2, 2]
+    assert [len(histories[p]) for p in ("given", "dm", "list")] == [1, 1, 1]
     # no sample duplicated or lost: the synced count is the dataset size at every level
     assert histories["given"][-1]["curves"]["global"]["metrics"]["count"] == [37] * len(LEVELS)
     assert histories["dm"][-1]["curves"]["global"]["metrics"]["count"] == [35] * len(LEVELS)
+    assert histories["list"][-1]["curves"]["global"]["metrics"]["count"] == [29] * len(LEVELS)
     # equal to the single-process curve on the same data and weights
     model = PlainMLP()
     model.load_state_dict(held[0]["state_dict"])
     for prefix, data, methods in (
         ("given", loader(37, seed=10, batch_size=4), ("global", "neuron")),
         ("dm", loader(35, seed=11, batch_size=4), ("global",)),
+        ("list", loader(29, seed=12, batch_size=4), ("global",)),
     ):
         for method in methods:
             single = evaluate_pruning_curve(model, data, LEVELS, method=method, metrics=counting_metrics())
