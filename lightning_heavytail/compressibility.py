@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_int
-from lightning_heavytail.pruning import _sort_ascending, _validate_exclude, validate_sparsities
+from lightning_heavytail.pruning import _sort_ascending, validate_sparsities
 from lightning_heavytail.selection import ParamSelector, select_parameters
 
 __all__ = [
@@ -335,7 +335,7 @@ def compressibility_report(
     levels = validate_sparsities(sparsities)
     keys = _report_keys(levels)
     eps = _check_epsilon(epsilon)
-    selected = select_parameters(model, params, exclude=_validate_exclude(exclude))
+    selected = select_parameters(model, params, exclude=exclude)
     report: dict[str, float] = {}
     prunable_total = units_total = 0
     alphas: dict[str, list[float]] = {"alpha_mohammadi": [], "alpha_hill": []}

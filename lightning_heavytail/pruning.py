@@ -49,7 +49,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from lightning_heavytail.selection import ParamSelector, select_parameters
+from lightning_heavytail.selection import ParamSelector, select_parameters, validate_exclude
 
 __all__ = [
     "MASK_METHODS",
@@ -220,14 +220,6 @@ def validate_method(method: Any, argument: str = "method") -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"`{argument}` must not repeat a method, got {method!r}")
     return tuple(names)
-
-
-def _validate_exclude(exclude: Any) -> tuple[str, ...]:
-    # A bare string would otherwise be iterated character by character by the selection.
-    patterns = (exclude,) if isinstance(exclude, str) else exclude
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"`exclude` must be a glob pattern or a sequence of patterns, got {exclude!r}")
-    return tuple(patterns)
 
 
 def _validate_single_method(method: Any) -> str:
@@ -744,7 +736,7 @@ def evaluate_pruning_curve(
     """
     levels = validate_sparsities(sparsities)
     method_name = _validate_single_method(method)
-    exclude = _validate_exclude(exclude)
+    exclude = validate_exclude(exclude)
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
@@ -818,7 +810,7 @@ def check_prunable(
         ValueError: `params`='*.running_mean' (exclude=[]) selects no trainable parameter of Sequential. ...
     """
     methods = validate_method(method)
-    exclude = _validate_exclude(exclude)
+    exclude = validate_exclude(exclude)
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     selected = select_parameters(model, params, exclude=exclude)

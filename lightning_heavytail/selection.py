@@ -55,6 +55,29 @@ def validate_selector(params: object, argument: str = "params") -> None:
         raise ValueError(f"`{argument}` must name at least one non-empty pattern, got {params!r}")
 
 
+def validate_exclude(exclude: object, argument: str = "exclude") -> tuple[str, ...]:
+    """Check an ``exclude`` argument and return it as a tuple of glob patterns (a bare string is one pattern).
+
+    Args:
+        exclude: the value to check.
+        argument: the argument name used in error messages.
+
+    Raises:
+        ValueError: if ``exclude`` is neither a string nor a sequence of strings.
+
+    Example:
+        >>> validate_exclude("out.*")
+        ('out.*',)
+        >>> validate_exclude(["out.*", "*.bias"])
+        ('out.*', '*.bias')
+    """
+    # A bare string would otherwise be iterated character by character.
+    patterns = (exclude,) if isinstance(exclude, str) else exclude
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"`{argument}` must be a glob pattern or a sequence of patterns, got {exclude!r}")
+    return tuple(patterns)
+
+
 def _weight_names(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if p.requires_grad and p.ndim >= 2]
 
@@ -82,7 +105,7 @@ def select_parameters(
     Args:
         module: the model.
         params: ``"weights"``, ``"paper"``, glob pattern(s) or a predicate, see the module docstring.
-        exclude: glob patterns of names to leave out after selection.
+        exclude: glob pattern(s) of names to leave out after selection.
         argument: the argument name used in error messages.
 
     Returns:
@@ -102,6 +125,7 @@ def select_parameters(
         ['0.bias', '2.bias']
     """
     validate_selector(params, argument)
+    exclude = validate_exclude(exclude)
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if callable(params):
         names = [name for name, p in trainable.items() if params(name, p)]

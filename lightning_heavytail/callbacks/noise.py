@@ -23,7 +23,7 @@ from lightning_heavytail.noise import (
     add_heavy_tailed_noise,
     noise_scale,
 )
-from lightning_heavytail.selection import ParamSelector, select_parameters, validate_selector
+from lightning_heavytail.selection import ParamSelector, select_parameters, validate_exclude, validate_selector
 
 SYNC_MODES = ("seed", "broadcast")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -99,7 +99,7 @@ class HeavyTailNoiseCallback(Callback):
         lr_scaling: bool = True,
         structure: NoiseStructure = "iid",
         params: ParamSelector = "weights",
-        exclude: Sequence[str] = (),
+        exclude: str | Sequence[str] = (),
         seed: int | None = None,
         start_step: int = 0,
         stop_step: int | None = None,
@@ -113,8 +113,7 @@ class HeavyTailNoiseCallback(Callback):
             raise ValueError(f"`lr_scaling` must be True or False, got {lr_scaling!r}")
         check_choice(structure, NOISE_STRUCTURES, "structure")
         validate_selector(params, "params")
-        if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
-            raise ValueError(f"`exclude` must be a sequence of glob patterns (a list of str), got {exclude!r}")
+        exclude = validate_exclude(exclude)
         check_int(seed, "seed", allow_none=True)
         check_int(start_step, "start_step")
         check_int(stop_step, "stop_step", allow_none=True)

@@ -41,13 +41,12 @@ from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
     ForwardFn,
     PruningCurve,
-    _validate_exclude,
     check_prunable,
     evaluate_pruning_curve,
     validate_method,
     validate_sparsities,
 )
-from lightning_heavytail.selection import ParamSelector, validate_selector
+from lightning_heavytail.selection import ParamSelector, validate_exclude, validate_selector
 
 __all__ = ["PruneEvalCallback"]
 
@@ -179,7 +178,7 @@ class PruneEvalCallback(Callback):
             )
         check_int(every_n_epochs, "every_n_epochs", minimum=1)
         validate_selector(params, "params")
-        exclude = _validate_exclude(exclude)
+        exclude = validate_exclude(exclude)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(
                 f"`forward_fn` must be None or a callable (model, batch) -> (preds, target), got {forward_fn!r}"

@@ -252,7 +252,7 @@ def test_selection_that_matches_nothing_fails_at_setup_with_the_available_names(
         (dict(seed=1.5), "seed"),
         (dict(sync="allreduce"), "sync"),
         (dict(on_nonfinite="warn"), "on_nonfinite"),
-        (dict(exclude="out.*"), "exclude"),
+        (dict(exclude=["out.*", 3]), "exclude"),
         (dict(lr_scaling="yes"), "lr_scaling"),
     ],
 )
