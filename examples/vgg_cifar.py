@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", required=True, help="directory with the CIFAR-10 python batches")
     parser.add_argument("--out", default="runs/vgg_cifar")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="auto", help="a number, or 'auto'; >1 uses DDP (see docs/multi_gpu.md)")
+    parser.add_argument("--devices", default="auto", help="per node: a number, or 'auto' (see docs/multi_gpu.md)")
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--strategy", default="auto", help="'auto' is DDP with several devices; 'ddp', 'ddp_spawn'")
     parser.add_argument("--width-multiplier", type=float, default=1.0, help="1.0: the paper's network (28 M params)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--precision", default="32-true", help="e.g. 'bf16-mixed' on GPUs (noise is drawn in fp32)")
-    parser.add_argument("--smoke", action="store_true", help="width 1/32, 64 images, 2 epochs of 2 steps")
+    parser.add_argument("--smoke", action="store_true", help="1 CPU process, width 1/32, 64 images, 2x2 steps")
     return parser.parse_args(argv)
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = pl.Trainer(
         accelerator="cpu" if args.smoke else args.accelerator,
         devices=1 if args.smoke else (int(args.devices) if args.devices.isdigit() else args.devices),
+        num_nodes=1 if args.smoke else args.num_nodes,
+        strategy="auto" if args.smoke else args.strategy,
         precision=args.precision,
         max_epochs=args.epochs,
         limit_train_batches=2 if args.smoke else None,
