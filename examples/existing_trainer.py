@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_every_n_steps=1 if args.smoke else 10,
         limit_train_batches=3 if args.smoke else None,
         enable_progress_bar=not args.smoke,
-        deterministic=True,
     )
     trainer.fit(DigitsMLP(width=args.width, lr=args.lr), train_loader, test_loader)
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.smoke:
         args.width, args.epochs = 64, 2
     devices: int | str = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
-    pl.seed_everything(0 if args.seed is None else args.seed)  # same initial weights on every rank
+    pl.seed_everything(0 if args.seed is None else args.seed)  # reproducible init; the noise seed is separate
     datamodule = ClassificationDataModule(
         "digits", batch_size=args.batch_size, eval_batch_size=30 if args.smoke else 60,
         max_train_samples=128 if args.smoke else None, max_test_samples=120 if args.smoke else None,
