@@ -1,34 +1,30 @@
 r"""Compressibility of weights: best-k error, the fraction of prunable units, and tail-index estimates.
 
-Notation: :math:`w \in \mathbb{R}^n` is a weight tensor flattened, :math:`W` the same tensor seen as units along dim 0
-(rows of a Linear weight, filters of a conv kernel), :math:`\|\cdot\|` the Euclidean (Frobenius) norm.
+Notation: ``w`` is a weight tensor flattened (``n`` entries), ``W`` the same tensor seen as units along dim 0
+(rows of a Linear weight, filters of a conv kernel), ``||.||`` the Euclidean (Frobenius) norm.
 
-- **Relative best-k error** (Barsbey et al., 2021): with :math:`w_k` keeping the :math:`k = n - \mathrm{round}(s\,n)`
-  entries of largest magnitude and zeroing the rest,
-  :math:`\varepsilon_s(w) = \|w - w_k\| / \|w\|`. Small at high sparsity :math:`s` means compressible.
-- **Fraction of prunable units** (Wan et al., 2024, the paper's measure): order the units by :math:`\ell_2` norm,
-  :math:`\|W_{(1)}\| \le \dots \le \|W_{(N)}\|`; the fraction is :math:`\max\{j : \sum_{i \le j} \|W_{(i)}\|^2 \le
-  \epsilon \|W\|_F^2\} / N`, the share of units that can be zeroed at a relative squared Frobenius error of at most
-  :math:`\epsilon` (default 0.1).
-- **Tail index** :math:`\alpha` of the weights' law, read as the index of a symmetric :math:`\alpha`-stable law
-  (heavier tails, smaller :math:`\alpha`; :math:`\alpha = 2` is Gaussian). Two estimators on the entries of one tensor:
+- **Relative best-k error** (Barsbey et al., 2021): with ``w_k`` keeping the ``k = n - round(s * n)`` entries of
+  largest magnitude and zeroing the rest, ``err_s(w) = ||w - w_k|| / ||w||``. Small at high sparsity ``s`` means
+  compressible.
+- **Fraction of prunable units** (Wan et al., 2024, the paper's measure): order the units by l2 norm,
+  ``||W_(1)|| <= ... <= ||W_(N)||``; the fraction is the largest ``j / N`` with
+  ``||W_(1)||^2 + ... + ||W_(j)||^2 <= epsilon * ||W||^2``: the share of units that can be zeroed at a relative
+  squared Frobenius error of at most ``epsilon`` (default 0.1).
+- **Tail index** ``alpha`` of the weights' law, read as the index of a symmetric alpha-stable law
+  (heavier tails, smaller ``alpha``; ``alpha = 2`` is Gaussian). Two estimators on the entries of one tensor:
 
-  * Mohammadi, Mohammadpour and Ogata (2015): split the entries into :math:`K` blocks of :math:`m`, sum each block
-    (:math:`Y_j`); for i.i.d. S\ :math:`\alpha`\ S entries :math:`Y_j \overset{d}{=} m^{1/\alpha} X`, so
-
-    .. math:: \hat\alpha = \log m \Big/ \Big(\frac{1}{K}\sum_{j} \log|Y_j| - \frac{1}{Km}\sum_{i} \log|X_i|\Big),
-
-    clipped to :math:`(0, 2]`; default :math:`m = \lfloor\sqrt{n}\rfloor`.
-  * Hill (1975): with :math:`|X|_{(1)} \ge |X|_{(2)} \ge \dots` the magnitudes in decreasing order,
-
-    .. math:: \hat\alpha = k \Big/ \sum_{i=1}^{k} \big(\log |X|_{(i)} - \log |X|_{(k+1)}\big),
-
-    default :math:`k = \lfloor\sqrt{n}\rfloor`. It estimates the Pareto index of the tail and is not clipped: values
-    above 2 mean tails lighter than any stable law with :math:`\alpha < 2`. For stable laws near :math:`\alpha = 2`
-    it is biased upwards (the Pareto regime sets in far out in the tail).
+  * Mohammadi, Mohammadpour and Ogata (2015): split the entries ``X_i`` into ``K`` blocks of ``m`` and sum each block
+    (``Y_j``); for i.i.d. SaS entries ``Y_j`` has the law of ``m**(1/alpha) * X``, so
+    ``alpha_hat = log(m) / (mean_j log|Y_j| - mean_i log|X_i|)``, clipped to ``(0, 2]``; default
+    ``m = floor(sqrt(n))``.
+  * Hill (1975): with ``|X|_(1) >= |X|_(2) >= ...`` the magnitudes in decreasing order,
+    ``alpha_hat = k / sum_{i=1..k} (log|X|_(i) - log|X|_(k+1))``; default ``k = floor(sqrt(n))``. It estimates the
+    Pareto index of the tail and is not clipped: values above 2 mean tails lighter than any stable law with
+    ``alpha < 2``. For stable laws near ``alpha = 2`` it is biased upwards (the Pareto regime sets in far out in
+    the tail).
 
   These estimate the stable index of the **weights themselves**. They are not WeightWatcher's "alpha", which is the
-  power-law exponent fitted to the eigenvalue spectrum of :math:`W^\top W`, a different quantity on a different
+  power-law exponent fitted to the eigenvalue spectrum of ``W^T W``, a different quantity on a different
   scale. Both estimators assume i.i.d. entries; exact zeros (e.g. pruned weights) are left out.
 
 Any metric of a tensor holding NaN or infinity is NaN: nothing meaningful can be said, and a metric is no place to stop
@@ -69,7 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_REPORT_SPARSITIES: tuple[float, ...] = (0.5, 0.9, 0.99)
-"""Sparsity levels at which :func:`compressibility_report` gives the best-k error."""
+"""Sparsity levels at which ``compressibility_report`` gives the best-k error."""
 
 
 def _check_weight(weight: Any, argument: str = "weight") -> Tensor:
@@ -112,9 +108,9 @@ def _best_k_errors(magnitudes_sorted: Tensor, sparsities: Sequence[float]) -> li
 
 
 def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
-    r"""Relative error :math:`\|w - w_k\| / \|w\|` of keeping only the largest :math:`1 - s` share of the entries.
+    r"""Relative error ``||w - w_k|| / ||w||`` of keeping only the largest ``1 - s`` share of the entries.
 
-    :math:`w_k` keeps the :math:`n - \mathrm{round}(s\,n)` entries of largest magnitude (the same count the
+    ``w_k`` keeps the ``n - round(s * n)`` entries of largest magnitude (the same count the
     ``"global"`` pruning method keeps) and zeroes the rest. The zero tensor has error 0.
 
     Args:
@@ -124,7 +120,7 @@ def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
     Returns:
         The error in [0, 1]; NaN if ``weight`` holds NaN or infinity.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.tensor([3.0, -4.0, 0.0, 0.0])
         >>> best_k_relative_error(w, 0.5)  # drops the two zeros
@@ -150,8 +146,8 @@ def _prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
 def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
     r"""Share of output units (dim 0) that can be zeroed at a relative squared Frobenius error of at most ``epsilon``.
 
-    Units are zeroed in increasing order of :math:`\ell_2` norm while the zeroed squared norm stays at most
-    :math:`\epsilon\,\|W\|_F^2` (Wan et al., 2024). Sums are in float64; the comparison is exact (``<=``).
+    Units are zeroed in increasing order of l2 norm while the zeroed squared norm stays at most
+    ``epsilon * ||W||^2`` (Wan et al., 2024). Sums are in float64; the comparison is exact (``<=``).
 
     Args:
         weight: a tensor whose dim 0 indexes units (Linear ``(out, in)``, conv ``(out, in, *kernel)``); for a 1-D
@@ -161,7 +157,7 @@ def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
     Returns:
         The fraction in [0, 1]; NaN if ``weight`` holds NaN or infinity.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [0.0, 3.0]])  # squared norms 1, 1, 8, 9: total 19
         >>> fraction_prunable(w, 0.1)  # budget 1.9: only one unit of squared norm 1
@@ -185,14 +181,14 @@ def _nonzero_entries(weight: Tensor) -> Tensor:
 def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
     r"""Estimate the stable index of the entries of ``weight`` (Mohammadi et al., 2015), clipped to (0, 2].
 
-    The nonzero entries, in flattened order, are cut into :math:`K = \lfloor n/m \rfloor` blocks of ``m`` (a remainder
-    is left out) and :math:`\hat\alpha = \log m / (\overline{\log|Y|} - \overline{\log|X|})` with :math:`Y` the block
+    The nonzero entries, in flattened order, are cut into ``K = floor(n / m)`` blocks of ``m`` (a remainder
+    is left out) and ``alpha_hat = log(m) / (mean log|Y| - mean log|X|)`` with ``Y`` the block
     sums, see the module docstring. Assumes i.i.d. symmetric entries.
 
     Args:
         weight: any tensor.
         m: the block size, at least 2 and at most the number of nonzero entries; default
-            :math:`\lfloor\sqrt{n}\rfloor`.
+            ``floor(sqrt(n))``.
 
     Returns:
         The estimate in (0, 2]; NaN if ``weight`` holds NaN or infinity.
@@ -200,7 +196,7 @@ def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
     Raises:
         ValueError: if ``m`` is not an int >= 2, or ``weight`` has too few nonzero entries (4 for the default ``m``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> abs(mohammadi_alpha(torch.randn(100_000)) - 2.0) < 0.15  # Gaussian: alpha = 2
@@ -233,13 +229,13 @@ def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
 def hill_alpha(weight: Tensor, k: int | None = None) -> float:
     r"""Hill's (1975) estimate of the tail index of the magnitudes of ``weight``'s entries (not clipped).
 
-    :math:`\hat\alpha = k / \sum_{i \le k} (\log|X|_{(i)} - \log|X|_{(k+1)})` over the ``k`` largest magnitudes, see
+    ``alpha_hat = k / sum_{i <= k} (log|X|_(i) - log|X|_(k+1))`` over the ``k`` largest magnitudes, see
     the module docstring. Exact zeros are left out.
 
     Args:
         weight: any tensor.
         k: the number of upper order statistics, at least 1 and less than the number of nonzero entries; default
-            :math:`\lfloor\sqrt{n}\rfloor`.
+            ``floor(sqrt(n))``.
 
     Returns:
         The estimate (> 0, may exceed 2 for light tails; ``inf`` if the ``k + 1`` largest magnitudes are equal); NaN if
@@ -248,7 +244,7 @@ def hill_alpha(weight: Tensor, k: int | None = None) -> float:
     Raises:
         ValueError: if ``k`` is not an int >= 1, or ``weight`` has at most ``k`` nonzero entries.
 
-    Example:
+    Examples:
         >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> pareto = torch.distributions.Pareto(1.0, 1.5).sample((100_000,))  # tail index 1.5
@@ -315,7 +311,7 @@ def compressibility_report(
 
     Args:
         model: the model; it is only read.
-        params: which parameters, as in :func:`~lightning_heavytail.selection.select_parameters`.
+        params: which parameters, as in ``select_parameters``.
         exclude: glob patterns of names to leave out.
         sparsities: levels for the best-k error, strictly increasing in [0, 1), distinct at two decimals.
         epsilon: the error budget of the fraction of prunable units, in [0, 1].
@@ -323,7 +319,7 @@ def compressibility_report(
     Returns:
         Metric name -> float.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
         >>> report = compressibility_report(net, sparsities=(0.9,))

@@ -2,9 +2,9 @@ r"""Heavy-tailed noise on parameters: the update of Wan, Barsbey, Zaidi and Şim
 
 After every optimizer step the iterate gets
 
-.. math:: w \leftarrow w + \sigma\, \eta^{1/\alpha} X, \qquad X \sim S\alpha S(1),
+    w <- w + sigma * eta**(1/alpha) * X,    X ~ SaS(1),
 
-with :math:`\eta` the step's learning rate and :math:`X` drawn afresh (see :mod:`lightning_heavytail.stable` for the
+with ``eta`` the step's learning rate and ``X`` drawn afresh (see ``lightning_heavytail.stable`` for the
 parametrization: ``alpha = 2`` is ``N(0, 2)``). The noise structures follow the authors' code:
 
 - ``"iid"`` (their type 2): an independent draw for every coordinate.
@@ -16,7 +16,7 @@ parametrization: ``alpha = 2`` is ``N(0, 2)``). The noise structures follow the 
   has scale-1 marginals, so ``sigma`` means the same thing for all three.)
 
 Reproducibility is counter-based: the noise of a parameter at a step is a pure function of ``(seed, step, name)``
-(:func:`~lightning_heavytail.stable.derive_seed`), so it does not depend on what ran before, on the process, or on
+(``derive_seed``), so it does not depend on what ran before, on the process, or on
 the DDP rank, and a resumed run draws exactly what an uninterrupted run draws.
 
 References:
@@ -62,7 +62,7 @@ class NonFiniteParameterError(FloatingPointError):
 
 @dataclass
 class NoiseStats:
-    """What one call of :func:`add_heavy_tailed_noise` did.
+    """What one call of ``add_heavy_tailed_noise`` did.
 
     Attributes:
         noised: names of the parameters that received noise.
@@ -76,7 +76,7 @@ class NoiseStats:
 
 
 def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
-    r"""The scale of the noise added after a step: :math:`\sigma\,\eta^{1/\alpha}`, or :math:`\sigma` without scaling.
+    r"""The scale of the noise added after a step: ``sigma eta^{1/alpha}``, or ``sigma`` without scaling.
 
     The exponent ``1/alpha`` is what makes the noise the Euler discretization of an alpha-stable Lévy-driven SDE
     with step ``lr`` (a Lévy process increment over time ``lr`` has scale ``lr**(1/alpha)``).
@@ -90,7 +90,7 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     Returns:
         The scale, >= 0.
 
-    Example:
+    Examples:
         >>> round(noise_scale(0.003, 0.01, 1.75), 8)
         0.00021591
         >>> noise_scale(0.5, 0.1, 2.0, lr_scaling=False)
@@ -134,7 +134,7 @@ def draw_noise(
     Returns:
         The noise tensor.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> draw_noise((4, 3), 1.8, structure="neuron", generator=g).shape
         torch.Size([4, 1])
@@ -218,26 +218,26 @@ def add_heavy_tailed_noise(
     resumed run the same as an uninterrupted one.
 
     Args:
-        named_params: ``(name, parameter)`` pairs, e.g. from :func:`~lightning_heavytail.select_parameters`.
+        named_params: ``(name, parameter)`` pairs, e.g. from ``select_parameters``.
         alpha: stability index in (0, 2].
-        scale: noise scale, usually :func:`noise_scale` of the step's learning rate; 0 adds nothing.
+        scale: noise scale, usually ``noise_scale`` of the step's learning rate; 0 adds nothing.
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         seed: base seed.
         step: the step counter that makes each step's noise fresh.
         on_nonfinite: what to do when a parameter is non-finite before the noise (the optimizer step produced it)
-            or would become so (an fp16 overflow): ``"raise"`` a :class:`NonFiniteParameterError` naming the parameter
+            or would become so (an fp16 overflow): ``"raise"`` a ``NonFiniteParameterError`` naming the parameter
             and step, before anything is changed; ``"skip"`` that parameter and report it in ``skipped``; or
             ``"ignore"`` (no check, fastest).
         track_max: also return the largest |noise| added (one extra reduction per parameter).
 
     Returns:
-        A :class:`NoiseStats`.
+        A ``NoiseStats``.
 
     Raises:
         NonFiniteParameterError: with ``on_nonfinite="raise"``, see above.
         ValueError: on a bad argument.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Linear(3, 2, bias=False)
         >>> before = net.weight.detach().clone()

@@ -2,26 +2,26 @@ r"""Pruning curves: a model's metric at several sparsity levels, without changin
 
 Four methods, all ranking by magnitude (Barsbey et al., 2021; Wan et al., 2024):
 
-- ``"global"``: one threshold over all selected weights. At sparsity :math:`s` over :math:`n` selected entries, with
-  :math:`k = \mathrm{round}(s\,n)` and :math:`t` the :math:`k`-th smallest :math:`|w|`, every entry with
-  :math:`|w| \le t` is zeroed.
+- ``"global"``: one threshold over all selected weights. At sparsity ``s`` over ``n`` selected entries, with
+  ``k = round(s * n)`` and ``t`` the ``k``-th smallest ``|w|``, every entry with
+  ``|w| <= t`` is zeroed.
 - ``"layerwise"``: the same rule inside each selected tensor, so every layer loses the same fraction.
 - ``"neuron"``: in each selected tensor, the output units (rows of a Linear weight, filters of a conv kernel: slices
-  along dim 0) with the smallest :math:`\ell_2` norm are zeroed, :math:`\mathrm{round}(s\,n_{\mathrm{units}})` of them.
+  along dim 0) with the smallest l2 norm are zeroed, ``round(s * n_units)`` of them.
   This is the structured pruning of the paper. Only the selected tensors are masked: a unit whose bias is not selected
   still emits its bias (the paper's networks have no biases).
 - ``"structured"``: channels are physically removed from a deep copy of the model with torch-pruning's
-  ``BasePruner`` (group :math:`\ell_2` magnitude, the same channel ratio in each selected layer). Channels that reach
+  ``BasePruner`` (group l2 magnitude, the same channel ratio in each selected layer). Channels that reach
   the model's output are never removed. The ratio counts channels, so the curve's x-axis is the measured fraction of
   all model parameters removed.
 
 For the three mask methods, ties at the threshold are all zeroed, so the measured sparsity, the fraction of the
 selected entries that are zero, can exceed the level asked for (e.g. when many weights are exactly zero already);
-the curve reports the measured value. ``round`` is Python's, as in :mod:`torch.nn.utils.prune`.
+the curve reports the measured value. ``round`` is Python's, as in ``torch.nn.utils.prune``.
 
 Cost of the mask methods: one sort of the magnitudes per call (not one per level), one backup of the selected tensors,
 masks written in place and the weights restored in a ``finally`` block; evaluation runs under ``torch.no_grad()``.
-Thresholds come from the sort, never from :func:`torch.quantile`, which fails above :math:`2^{24}` elements.
+Thresholds come from the sort, never from ``torch.quantile``, which fails above ``2^{24}`` elements.
 
 References:
     M. Barsbey, M. Sefidgaran, M. A. Erdogdu, G. Richard, U. Şimşekli, "Heavy tails in SGD and compressibility of
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 PRUNING_METHODS: tuple[str, ...] = ("global", "layerwise", "neuron", "structured")
-"""The methods :func:`evaluate_pruning_curve` accepts."""
+"""The methods ``evaluate_pruning_curve`` accepts."""
 
 MASK_METHODS: tuple[str, ...] = ("global", "layerwise", "neuron")
 """The methods that zero entries in place (no model copy)."""
@@ -81,13 +81,13 @@ class PruningCurve:
     """A metric measured at several sparsity levels.
 
     Attributes:
-        method: the pruning method, one of :data:`PRUNING_METHODS`.
+        method: the pruning method, one of ``PRUNING_METHODS``.
         requested: the sparsity levels asked for.
         sparsities: the measured sparsity at each level: the fraction of the selected parameters' entries that are
             zero (mask methods), or the fraction of all model parameters removed (``"structured"``).
         metrics: metric name -> one value per level.
 
-    Example:
+    Examples:
         >>> curve = PruningCurve("global", [0.0, 0.5, 1.0], [0.0, 0.5, 1.0], {"accuracy": [0.9, 0.8, 0.1]})
         >>> curve.area_under_curve()  # (0.85 * 0.5 + 0.45 * 0.5) / 1.0
         0.65
@@ -111,7 +111,7 @@ class PruningCurve:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningCurve:
-        """Rebuild a curve from :meth:`to_dict`'s output."""
+        """Rebuild a curve from ``to_dict``'s output."""
         return cls(
             method=str(data["method"]),
             requested=[float(s) for s in data["requested"]],
@@ -122,14 +122,14 @@ class PruningCurve:
     def area_under_curve(self, metric: str = DEFAULT_METRIC_KEY) -> float:
         r"""Trapezoid area under ``metric`` vs. measured sparsity, divided by the sparsity span.
 
-        .. math:: \mathrm{AUC} = \frac{1}{s_K - s_1} \sum_{i=1}^{K-1} (s_{i+1} - s_i)\,\frac{m_i + m_{i+1}}{2}
+        ``AUC = sum_{i=1..K-1} (s_{i+1} - s_i) * (m_i + m_{i+1}) / 2 / (s_K - s_1)``
 
-        with the points ordered by measured sparsity :math:`s`. The result is on the metric's own scale (for
+        with the points ordered by measured sparsity ``s``. The result is on the metric's own scale (for
         accuracy: the mean accuracy over the curve). With a single level, or when every level measured the same
         sparsity, it is the mean of the metric's values.
 
         Args:
-            metric: the metric's key in :attr:`metrics`.
+            metric: the metric's key in ``metrics``.
 
         Raises:
             KeyError: if the curve has no metric of that name; the message lists the names it has.
@@ -160,7 +160,7 @@ def validate_sparsities(sparsities: Any, argument: str = "sparsities") -> tuple[
     Raises:
         ValueError: if ``sparsities`` is not such a sequence; the message names the argument and the value given.
 
-    Example:
+    Examples:
         >>> validate_sparsities([0, 0.5, 0.9])
         (0.0, 0.5, 0.9)
         >>> validate_sparsities([0.5, 0.5])
@@ -187,7 +187,7 @@ def validate_sparsities(sparsities: Any, argument: str = "sparsities") -> tuple[
 
 
 def validate_method(method: Any, argument: str = "method") -> tuple[str, ...]:
-    """Check a pruning method name, or a sequence of distinct names, against :data:`PRUNING_METHODS`.
+    """Check a pruning method name, or a sequence of distinct names, against ``PRUNING_METHODS``.
 
     Args:
         method: one name or a sequence of names.
@@ -199,7 +199,7 @@ def validate_method(method: Any, argument: str = "method") -> tuple[str, ...]:
     Raises:
         ValueError: on an unknown name, an empty sequence or a repeated name.
 
-    Example:
+    Examples:
         >>> validate_method("global")
         ('global',)
         >>> validate_method(["neuron", "global"])
@@ -697,13 +697,13 @@ def evaluate_pruning_curve(
         model: any ``nn.Module`` (a LightningModule works too).
         dataloader: any iterable of batches, iterated once per level.
         sparsities: strictly increasing levels in [0, 1).
-        method: one of :data:`PRUNING_METHODS`, see the module docstring.
+        method: one of ``PRUNING_METHODS``, see the module docstring.
         metrics: a torchmetrics ``Metric`` (key: its class name) or ``MetricCollection`` (its keys). Reset before each
             level; ``compute()`` is called on every process, so under DDP each rank passes its own shard and gets the
             synced value. ``None``: micro-averaged multiclass accuracy with the number of classes read from the
             model's output width, key ``"accuracy"``.
         forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(inputs, target)``.
-        params: which parameters to prune, as in :func:`~lightning_heavytail.selection.select_parameters`
+        params: which parameters to prune, as in ``select_parameters``
             (default: every trainable parameter with at least 2 dimensions, output layer included).
         exclude: glob patterns of parameter names to leave unpruned.
         device: where batches and metrics go; default: the device of the model's first parameter. The model is not
@@ -720,7 +720,7 @@ def evaluate_pruning_curve(
     After return or an exception, every parameter and buffer of ``model`` is bitwise equal to before, and the
     train/eval mode of every submodule and each parameter's ``requires_grad`` are as they were.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)
@@ -790,16 +790,16 @@ def check_prunable(
     Args:
         model: the model.
         method: a method name or a sequence of them.
-        params: parameter selection, as in :func:`evaluate_pruning_curve`.
+        params: parameter selection, as in ``evaluate_pruning_curve``.
         exclude: glob patterns of names to leave out.
         example_input: for ``"structured"``: the model's input (or, with ``forward_fn``, a whole batch) used to trace.
             Without it the trace is not checked.
-        forward_fn: ``forward_fn(model, batch) -> (preds, target)``, as in :func:`evaluate_pruning_curve`.
+        forward_fn: ``forward_fn(model, batch) -> (preds, target)``, as in ``evaluate_pruning_curve``.
 
     Raises:
         ValueError: naming the argument, or the layer that cannot be traced with a suggested method.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))

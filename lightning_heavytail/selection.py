@@ -36,7 +36,7 @@ def validate_selector(params: object, argument: str = "params") -> None:
         TypeError: if ``params`` is not a string, a sequence of strings or a callable.
         ValueError: if it is an empty sequence or an empty pattern.
 
-    Example:
+    Examples:
         >>> validate_selector("weights")
         >>> validate_selector(3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -65,7 +65,7 @@ def validate_exclude(exclude: object, argument: str = "exclude") -> tuple[str, .
     Raises:
         ValueError: if ``exclude`` is neither a string nor a sequence of strings.
 
-    Example:
+    Examples:
         >>> validate_exclude("out.*")
         ('out.*',)
         >>> validate_exclude(["out.*", "*.bias"])
@@ -114,7 +114,7 @@ def select_parameters(
     Raises:
         ValueError: if the selection matches no trainable parameter; the message lists the names available.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> [name for name, _ in select_parameters(net)]

@@ -1,18 +1,17 @@
 r"""Exact sampling of symmetric alpha-stable laws on any torch device.
 
-Parametrization: :math:`X \sim S\alpha S(c)` has characteristic function
+Parametrization: ``X ~ SaS(c)`` has characteristic function
 
-.. math:: \mathbb{E}\, e^{itX} = \exp(-|c\,t|^{\alpha}), \qquad 0 < \alpha \le 2,\ c > 0,
+    E exp(i t X) = exp(-|c t|**alpha),    0 < alpha <= 2,  c > 0,
 
-so :math:`\alpha = 2` is :math:`\mathcal{N}(0, 2c^2)` and :math:`\alpha = 1` is the Cauchy law with scale :math:`c`.
-For skewness :math:`\beta = 0` the S0 and S1 parametrizations of :class:`scipy.stats.levy_stable` coincide, and
+so ``alpha = 2`` is ``N(0, 2 c**2)`` and ``alpha = 1`` is the Cauchy law with scale ``c``.
+For skewness ``beta = 0`` the S0 and S1 parametrizations of ``scipy.stats.levy_stable`` coincide, and
 ``sample_stable(alpha, n, scale=c)`` has the law of ``scipy.stats.levy_stable(alpha, 0.0, scale=c)``.
 
 Draws use the Chambers-Mallows-Stuck (1976) transform of two uniforms, which is exact for every alpha:
-with :math:`V \sim U(-\pi/2, \pi/2)` and :math:`W \sim \mathrm{Exp}(1)`,
+with ``V ~ U(-pi/2, pi/2)`` and ``W ~ Exp(1)``,
 
-.. math:: X = \frac{\sin(\alpha V)}{\cos(V)^{1/\alpha}}
-          \left(\frac{\cos((1-\alpha)V)}{W}\right)^{(1-\alpha)/\alpha}.
+    X = sin(alpha V) / cos(V)**(1/alpha) * (cos((1 - alpha) V) / W)**((1 - alpha)/alpha).
 
 The arithmetic is done in float32 (float64 when asked) and cast at the end, never in fp16/bf16, whose range the
 heavy tails overflow. Endpoints are guarded (``V`` stays inside the open interval, ``W > 0``, the power is bounded)
@@ -80,7 +79,7 @@ def _counter_uniforms(key: Tensor, start: int, count: int) -> tuple[Tensor, Tens
     """Two independent float32 uniforms per index: outputs ``start + 1 .. start + count`` of SplitMix64 from ``key``.
 
     Each 64-bit output gives two disjoint 24-bit fields (bits 40-63 and 0-23), so the uniforms lie on the same grid
-    ``k * 2**-24`` as ``torch.rand(dtype=torch.float32)``, which the endpoint guards of :func:`_cms_transform` assume.
+    ``k * 2**-24`` as ``torch.rand(dtype=torch.float32)``, which the endpoint guards of ``_cms_transform`` assume.
     """
     z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=key.device) * _GOLDEN + key
     z = (z ^ _srl(z, 30)) * _MIX1
@@ -219,7 +218,7 @@ def sample_stable(
     Raises:
         ValueError: if ``alpha`` is outside (0, 2] or ``scale`` is not a positive finite number.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = sample_stable(1.5, (2, 3), generator=g)
         >>> x.shape, x.dtype
@@ -252,8 +251,7 @@ def sample_positive_stable(
     This is ``scipy.stats.levy_stable(alpha, 1.0, scale=cos(pi * alpha / 2) ** (1 / alpha))`` in the S1
     parametrization, for ``alpha`` in (0, 1], drawn with Kanter's (1975) representation
 
-    .. math:: A = \frac{\sin(\alpha\pi U)}{\sin(\pi U)^{1/\alpha}}
-              \left(\frac{\sin((1-\alpha)\pi U)}{W}\right)^{(1-\alpha)/\alpha},
+        A = sin(alpha pi U) / sin(pi U)**(1/alpha) * (sin((1 - alpha) pi U) / W)**((1 - alpha)/alpha),
 
     with ``U ~ U(0, 1)`` and ``W ~ Exp(1)``.
 
@@ -270,7 +268,7 @@ def sample_positive_stable(
     Returns:
         Positive draws of the given shape.
 
-    Example:
+    Examples:
         >>> a = sample_positive_stable(0.5, 100_000, generator=torch.Generator().manual_seed(0))
         >>> bool((a > 0).all())
         True
@@ -316,7 +314,7 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     Returns:
         A seed for ``torch.Generator.manual_seed``.
 
-    Example:
+    Examples:
         >>> derive_seed(0, 5, "layer.weight") == derive_seed(0, 5, "layer.weight")
         True
         >>> derive_seed(0, 5, "layer.weight") == derive_seed(0, 6, "layer.weight")

@@ -68,7 +68,7 @@ class HeavyTailNoiseCallback(Callback):
         lr_scaling: scale the noise by ``lr**(1/alpha)``; if False the scale is ``sigma``.
         structure: ``"iid"`` (a draw per coordinate), ``"neuron"`` (one draw per output unit / conv filter, broadcast
             over its incoming weights; the structure the theory covers) or ``"elliptical"`` (a sub-Gaussian stable
-            vector per unit). See :mod:`lightning_heavytail.noise`.
+            vector per unit). See ``lightning_heavytail.noise``.
         params: which parameters: ``"weights"`` (every trainable parameter with >= 2 dims), ``"paper"`` (weights less
             the output layer and the first conv, as in the paper), glob pattern(s) of names, or a callable
             ``(name, param) -> bool``. Frozen parameters never get noise.
@@ -85,7 +85,7 @@ class HeavyTailNoiseCallback(Callback):
         log_stats: log ``heavytail/noise_scale`` and ``heavytail/max_abs_noise`` through the trainer's loggers every
             ``log_every_n_steps`` real steps, from rank zero.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> noise = HeavyTailNoiseCallback(alpha=1.75, sigma=0.003, structure="neuron", params="paper", seed=0)
         >>> trainer = pl.Trainer(callbacks=[noise], logger=False, enable_progress_bar=False)

@@ -1,9 +1,9 @@
 """Pruning curves and compressibility metrics while a Lightning model trains.
 
-:class:`PruneEvalCallback` evaluates the model at several sparsity levels at the end of training epochs and logs the
+``PruneEvalCallback`` evaluates the model at several sparsity levels at the end of training epochs and logs the
 pruning curve, its area, and the compressibility metrics of Wan et al. (2024). All pruning and all metrics come from the
-functional core (:func:`lightning_heavytail.pruning.evaluate_pruning_curve` and
-:func:`lightning_heavytail.compressibility.compressibility_report`); this module only decides *when* to evaluate, *on
+functional core (``lightning_heavytail.pruning.evaluate_pruning_curve`` and
+``lightning_heavytail.compressibility.compressibility_report``); this module only decides *when* to evaluate, *on
 which data*, and *where the results go*.
 
 References:
@@ -57,9 +57,9 @@ class PruneEvalCallback(Callback):
     r"""Evaluate pruning curves and compressibility metrics at the end of training epochs.
 
     At the end of every ``every_n_epochs``-th training epoch, the model is evaluated on ``dataloader`` at each level of
-    ``sparsities`` with each pruning ``method`` (see :func:`~lightning_heavytail.pruning.evaluate_pruning_curve`), and
+    ``sparsities`` with each pruning ``method`` (see ``evaluate_pruning_curve``), and
     the compressibility metrics of its weights are computed (see
-    :func:`~lightning_heavytail.compressibility.compressibility_report`). The model is never changed: every parameter
+    ``compressibility_report``). The model is never changed: every parameter
     and buffer is bitwise restored, train/eval modes and ``requires_grad`` too, also when the evaluation raises; the
     optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned weights.
 
@@ -79,7 +79,7 @@ class PruneEvalCallback(Callback):
       sparsity curve, normalised by the sparsity span (the curve's mean value);
     - ``pruning/{key}`` for every key of the compressibility report (``compressibility=True``).
 
-    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, a figure of every method's curves (one line per
+    With a ``TensorBoardLogger``, a figure of every method's curves (one line per
     evaluated epoch) goes to the images tab under ``pruning/{method}/curve``. The history is written after every
     evaluation as ``{filename}.json`` and ``{filename}.csv`` into ``trainer.log_dir`` (``default_root_dir`` without a
     logger).
@@ -92,7 +92,7 @@ class PruneEvalCallback(Callback):
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``; ``None``: multiclass accuracy with the number of
             classes taken from the model's output, logged as ``accuracy``.
         every_n_epochs: evaluate after every n-th training epoch (epochs ``n-1, 2n-1, ...``, zero-based).
-        params: which parameters are pruned, as in :func:`~lightning_heavytail.selection.select_parameters`.
+        params: which parameters are pruned, as in ``select_parameters``.
         exclude: glob patterns of parameter names to leave unpruned.
         forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(x, y)``.
         epsilon: relative squared-norm budget of the "fraction prunable" measure, in ``[0, 1]``.
@@ -112,7 +112,7 @@ class PruneEvalCallback(Callback):
             names the layer and suggests another method), or under DDP the data has fewer batches than ranks.
         TypeError: at construction, for an argument of the wrong type.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import torch
         >>> from torch import nn
