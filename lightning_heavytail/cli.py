@@ -15,7 +15,7 @@ accuracy of both runs under neuron pruning and their compressibility metrics, an
 Every number printed or written is measured by the run; nothing is hard-coded. Flags are checked before training
 starts; a bad flag exits with status 2 and a message naming the flag, the allowed values and the value given.
 
-Example:
+Examples:
     >>> main(["demo", "--alpha", "3"])  # doctest: +SKIP
     lightning-heavytail demo: error: argument --alpha: must be a number in (0, 2], got '3'
 """
@@ -52,7 +52,7 @@ _EPSILON = 0.1  # the paper's budget for "fraction prunable"
 class DemoConfig:
     """Settings of ``lightning-heavytail demo`` (the defaults are the command's defaults).
 
-    Example:
+    Examples:
         >>> DemoConfig().alpha, DemoConfig().structure
         (1.8, 'neuron')
     """
@@ -134,7 +134,7 @@ def _devices(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lightning-heavytail`` command (subcommand ``demo``).
 
-    Example:
+    Examples:
         >>> args = build_parser().parse_args(["demo", "--width", "64"])
         >>> args.command, args.width, args.dataset
         ('demo', 64, 'digits')
@@ -248,7 +248,7 @@ def _trainer(config: DemoConfig, logger: Any, callbacks: list[Any], steps_per_ep
 def eval_every(epochs: int) -> int:
     """Evaluate the pruning curves about three times per run, always after the last epoch.
 
-    Example:
+    Examples:
         >>> eval_every(30), eval_every(7), eval_every(1)
         (10, 1, 1)
     """
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (0). Bad flags end the process with status 2 (argparse's ``SystemExit``).
 
-    Example:
+    Examples:
         >>> main(["demo", "--structure", "gaussian"])  # doctest: +SKIP
         lightning-heavytail demo: error: argument --structure: invalid choice: 'gaussian' (choose from ...)
     """

@@ -118,7 +118,7 @@ def load_digits(test_fraction: float = 0.2) -> ClassificationData:
     Returns:
         The data; images have shape ``(1, 8, 8)``.
 
-    Example:
+    Examples:
         >>> data = load_digits()
         >>> len(data.train), len(data.test), data.input_shape, data.num_classes
         (1437, 360, (1, 8, 8), 10)
@@ -148,7 +148,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         ValueError: if the file is not a well-formed IDX file (the message names the file and what is wrong).
 
-    Example:
+    Examples:
         >>> import tempfile, struct
         >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
         >>> with open(path, "wb") as f:
@@ -274,7 +274,7 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike[str] | None =
         ValueError: on an unknown name.
         FileNotFoundError: if ``data_dir`` is missing or lacks a file.
 
-    Example:
+    Examples:
         >>> load_dataset("digits").in_features
         64
         >>> load_dataset("mnist", data_dir=None)
@@ -311,7 +311,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         max_test_samples: the same for the test set.
         num_workers: DataLoader workers.
 
-    Example:
+    Examples:
         >>> dm = ClassificationDataModule("digits", batch_size=100)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))

@@ -42,7 +42,7 @@ class BiasFreeMLP(nn.Sequential):
         width: units per hidden layer.
         depth: number of hidden layers (1: the paper's theory setting).
 
-    Example:
+    Examples:
         >>> net = BiasFreeMLP(64, 10, width=32)
         >>> [name for name, _ in net.named_parameters()]
         ['hidden1.weight', 'out.weight']
@@ -74,7 +74,7 @@ class VGG11Wide(nn.Module):
         width_multiplier: scales every layer's channel count (1.0 is the paper's network, about 28 M parameters;
             a small value such as 1/16 gives a model for quick tests).
 
-    Example:
+    Examples:
         >>> net = VGG11Wide(10, width_multiplier=1 / 32)
         >>> net(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
@@ -120,7 +120,7 @@ class Classifier(pl.LightningModule):
         momentum: SGD momentum (0 in the paper).
         weight_decay: SGD weight decay (0 in the paper).
 
-    Example:
+    Examples:
         >>> model = Classifier(BiasFreeMLP(64, 10, width=16), num_classes=10, lr=0.1)
         >>> optimizer = model.configure_optimizers()
         >>> type(optimizer).__name__, optimizer.defaults["lr"], optimizer.defaults["momentum"]
