@@ -226,7 +226,8 @@ class HeavyTailNoiseCallback(Callback):
             self.log_stats
             and trainer is not None
             and bool(trainer.loggers)
-            and step % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) == 0
+            # the same steps Lightning logs training metrics at: the n-th, 2n-th, ... real step
+            and (step + 1) % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) == 0
         )
         seed = self._resolved_seed if self._resolved_seed is not None else 0
         largest_scale, largest_noise = 0.0, 0.0

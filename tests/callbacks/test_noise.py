@@ -180,8 +180,8 @@ def test_lr_scheduler_is_followed_and_stats_are_logged_at_log_every_n_steps(tmp_
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {int(r["step"]): float(r["heavytail/noise_scale"]) for r in rows if r.get("heavytail/noise_scale")}
-    # noise steps 0 and 2 are logged; the lr at noise step k is 0.4 * 0.5**k
-    assert sorted(logged) == [0, 2]
+    # noise steps 1 and 3 are logged, as Lightning logs its own training metrics; the lr at noise step k is 0.4 * 0.5**k
+    assert sorted(logged) == [1, 3]
     for step, value in logged.items():
         assert value == pytest.approx(sigma * (0.4 * 0.5**step) ** (1 / alpha))
     max_noise = [float(r["heavytail/max_abs_noise"]) for r in rows if r.get("heavytail/max_abs_noise")]
