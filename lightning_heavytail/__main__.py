@@ -1,4 +1,4 @@
-"""``python -m lightning_heavytail``: the ``lightning-heavytail`` command (see :mod:`lightning_heavytail.cli`)."""
+"""``python -m lightning_heavytail``: the ``lightning-heavytail`` command (see ``lightning_heavytail.cli``)."""
 
 import sys
 

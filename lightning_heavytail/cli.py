@@ -2,8 +2,8 @@
 
 ``lightning-heavytail demo`` trains the setting of Wan et al. (2024), a one-hidden-layer ReLU network without biases
 and plain SGD, twice with the same seed: once with vanilla SGD and once with heavy-tailed (symmetric alpha-stable)
-noise added to the hidden weights after every step (:class:`~lightning_heavytail.HeavyTailNoiseCallback`). Both runs
-carry a :class:`~lightning_heavytail.PruneEvalCallback`. The command then prints a side-by-side table of the test
+noise added to the hidden weights after every step (``HeavyTailNoiseCallback``). Both runs
+carry a ``PruneEvalCallback``. The command then prints a side-by-side table of the test
 accuracy of both runs under neuron pruning and their compressibility metrics, and writes under ``--out``:
 
 - ``vanilla/version_N`` and ``heavytail/version_N``: TensorBoard logs (``tensorboard --logdir runs``) and each run's
@@ -16,8 +16,11 @@ Every number printed or written is measured by the run; nothing is hard-coded. F
 starts; a bad flag exits with status 2 and a message naming the flag, the allowed values and the value given.
 
 Examples:
-    >>> main(["demo", "--alpha", "3"])  # doctest: +SKIP
-    lightning-heavytail demo: error: argument --alpha: must be a number in (0, 2], got '3'
+    >>> try:  # the message goes to stderr: "... error: argument --alpha: must be a number in (0, 2], got '3'"
+    ...     main(["demo", "--alpha", "3"])
+    ... except SystemExit as exit:
+    ...     print("exit status", exit.code)
+    exit status 2
 """
 
 from __future__ import annotations
@@ -403,7 +406,7 @@ def run_demo(config: DemoConfig, *, echo: Callable[[str], None] | None = print) 
     """Train both runs and write the outputs; return the results (None on ranks other than 0).
 
     Args:
-        config: the settings (already checked, e.g. by :func:`main`).
+        config: the settings (already checked, e.g. by ``main``).
         echo: where the table and messages go (None: nowhere).
 
     Returns:
@@ -457,8 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status (0). Bad flags end the process with status 2 (argparse's ``SystemExit``).
 
     Examples:
-        >>> main(["demo", "--structure", "gaussian"])  # doctest: +SKIP
-        lightning-heavytail demo: error: argument --structure: invalid choice: 'gaussian' (choose from ...)
+        >>> try:  # stderr: "... error: argument --structure: invalid choice: 'gaussian' (choose from ...)"
+        ...     main(["demo", "--structure", "gaussian"])
+        ... except SystemExit as exit:
+        ...     print("exit status", exit.code)
+        exit status 2
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "mnist", "cifar10")
-"""The names :func:`load_dataset` accepts."""
+"""The names ``load_dataset`` accepts."""
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -203,7 +203,7 @@ def _find_dir(data_dir: str | os.PathLike[str] | None, dataset: str, subdirs: Se
 
 
 def load_mnist(data_dir: str | os.PathLike[str] | None) -> ClassificationData:
-    """MNIST from its four IDX files (see :data:`MNIST_FILES`) in ``data_dir`` or ``data_dir/MNIST/raw``.
+    """MNIST from its four IDX files (see ``MNIST_FILES``) in ``data_dir`` or ``data_dir/MNIST/raw``.
 
     Args:
         data_dir: the directory holding the files.
@@ -243,7 +243,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(data_dir: str | os.PathLike[str] | None) -> ClassificationData:
-    """CIFAR-10 from its python batches (see :data:`CIFAR10_FILES`) in ``data_dir`` or ``data_dir/cifar-10-batches-py``.
+    """CIFAR-10 from its python batches (see ``CIFAR10_FILES``) in ``data_dir`` or ``data_dir/cifar-10-batches-py``.
 
     Args:
         data_dir: the directory holding the batches.
@@ -264,7 +264,7 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None) -> ClassificationData:
 
 
 def load_dataset(name: str = "digits", data_dir: str | os.PathLike[str] | None = None) -> ClassificationData:
-    """Load one of :data:`DATASETS` (``"digits"`` ignores ``data_dir``).
+    """Load one of ``DATASETS`` (``"digits"`` ignores ``data_dir``).
 
     Args:
         name: ``"digits"``, ``"mnist"`` or ``"cifar10"``.
@@ -295,14 +295,14 @@ def _subset(dataset: TensorDataset, limit: int | None) -> TensorDataset:
 
 
 class ClassificationDataModule(pl.LightningDataModule):
-    """A LightningDataModule over :func:`load_dataset`: shuffled training batches and a fixed test set.
+    """A LightningDataModule over ``load_dataset``: shuffled training batches and a fixed test set.
 
     The training order is a function of ``seed`` alone (a seeded ``torch.Generator``), so two runs with the same
     seed see the same batches. ``test_dataloader`` is what
-    :class:`~lightning_heavytail.callbacks.prune_eval.PruneEvalCallback` evaluates the pruning curves on.
+    ``PruneEvalCallback`` evaluates the pruning curves on.
 
     Args:
-        dataset: one of :data:`DATASETS`.
+        dataset: one of ``DATASETS``.
         data_dir: where the MNIST or CIFAR-10 files are (not used for ``"digits"``).
         batch_size: training batch size.
         eval_batch_size: test batch size.

@@ -1,10 +1,10 @@
 """The networks of Wan et al. (2024) and a plain-SGD LightningModule to train them.
 
-- :class:`BiasFreeMLP`: fully connected ReLU network without biases (one hidden layer by default: the setting the
+- ``BiasFreeMLP``: fully connected ReLU network without biases (one hidden layer by default: the setting the
   theory covers).
-- :class:`VGG11Wide`: the authors' "vgg11_wide" CNN, ``128-M-256-M-512-512-M-1024-1024-M-1024-1024-M`` with 3x3
+- ``VGG11Wide``: the authors' "vgg11_wide" CNN, ``128-M-256-M-512-512-M-1024-1024-M-1024-1024-M`` with 3x3
   convolutions, no batch norm and no biases, global average pooling, then one Linear layer to the classes.
-- :class:`Classifier`: wraps any of them (or any ``nn.Module`` that maps inputs to class scores) in a LightningModule
+- ``Classifier``: wraps any of them (or any ``nn.Module`` that maps inputs to class scores) in a LightningModule
   trained with cross-entropy and plain SGD (no momentum, no weight decay unless asked), as in the paper.
 
 References:
