@@ -36,6 +36,20 @@ def mlp(width: int = 2048) -> nn.Module:
     return nn.Sequential(nn.Linear(784, width, bias=False), nn.ReLU(), nn.Linear(width, 10, bias=False))
 
 
+def add_noise(kind: str, targets: list[tuple[str, nn.Parameter]], scale: float, step: int) -> None:
+    """One step's noise of the given kind: "none", "randn" (the floor), "authors" (scipy, full shape) or a structure."""
+    with torch.no_grad():
+        if kind == "randn":
+            for _, p in targets:
+                p.add_(torch.randn_like(p), alpha=scale)
+        elif kind == "authors":
+            for _, p in targets:
+                draws = scipy.stats.levy_stable.rvs(ALPHA, 0.0, size=tuple(p.shape))
+                p.add_(torch.from_numpy(draws).float(), alpha=scale)
+        elif kind != "none":
+            add_heavy_tailed_noise(targets, ALPHA, scale, structure=kind, seed=0, step=step)  # type: ignore[arg-type]
+
+
 def step_timer(noise: str, steps: int, width: int = 2048, batch: int = 128) -> float:
     """Median seconds per training step (forward, backward, SGD step, then the noise)."""
     torch.manual_seed(0)
@@ -51,12 +65,7 @@ def step_timer(noise: str, steps: int, width: int = 2048, batch: int = 128) -> f
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        with torch.no_grad():
-            if noise == "randn":
-                for _, p in targets:
-                    p.add_(torch.randn_like(p), alpha=scale)
-            elif noise != "none":
-                add_heavy_tailed_noise(targets, ALPHA, scale, structure=noise, seed=0, step=step)  # type: ignore[arg-type]
+        add_noise(noise, targets, scale, step)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -70,33 +79,20 @@ def noise_only_timer(noise: str, reps: int, width: int = 2048) -> float:
     times = []
     for step in range(reps + 5):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if noise == "randn":
-                for _, p in targets:
-                    p.add_(torch.randn_like(p), alpha=scale)
-            else:
-                add_heavy_tailed_noise(targets, ALPHA, scale, structure=noise, seed=0, step=step)  # type: ignore[arg-type]
+        add_noise(noise, targets, scale, step)
         if step >= 5:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def layer_noise_timer(way: str, reps: int) -> float:
+def layer_noise_timer(kind: str, reps: int) -> float:
     """Median seconds to add one step's noise to a 5000x784 weight."""
     weight = nn.Parameter(torch.zeros(5000, 784))
     scale = noise_scale(SIGMA, LR, ALPHA)
     times = []
     for step in range(reps + 1):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if way == "authors (scipy rvs + copy)":
-                draws = scipy.stats.levy_stable.rvs(ALPHA, 0.0, size=tuple(weight.shape))
-                weight.add_(torch.from_numpy(draws).float(), alpha=scale)
-            elif way.startswith("torch.randn"):
-                weight.add_(torch.randn_like(weight), alpha=scale)
-            else:
-                add_heavy_tailed_noise([("w", weight)], ALPHA, scale, structure=way,  # type: ignore[arg-type]
-                                       seed=0, step=step)
+        add_noise(kind, [("w", weight)], scale, step)
         if step >= 1:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -165,11 +161,12 @@ def main() -> None:
           f" step difference {100 * (step['neuron'] - base) / base:+.2f}% -> {'MET' if neuron_pct <= 2 else 'MISSED'}")
 
     print("\n2. Noise for one 5000x784 layer: median ms per step")
-    ways = ["authors (scipy rvs + copy)", "torch.randn + add (floor)", "iid", "neuron"]
-    layer = {w: layer_noise_timer(w, 5 if w.startswith("authors") else 30) for w in ways}
-    authors = layer[ways[0]]
-    for way in ways:
-        print(f"   {way:<28}{layer[way] * 1e3:>10.2f} ms   {authors / layer[way]:>8.1f}x faster than the authors' way")
+    ways = {"authors": "authors (scipy rvs + copy)", "randn": "torch.randn + add (floor)", "iid": "iid",
+            "neuron": "neuron"}
+    layer = {kind: layer_noise_timer(kind, 5 if kind == "authors" else 30) for kind in ways}
+    authors = layer["authors"]
+    for kind, label in ways.items():
+        print(f"   {label:<28}{layer[kind] * 1e3:>10.2f} ms   {authors / layer[kind]:>8.1f}x vs the authors' way")
     for way in ("iid", "neuron"):
         speedup = authors / layer[way]
         print(f"   target >= 100x ({way}): {speedup:.0f}x -> {'MET' if speedup >= 100 else 'MISSED'}")
