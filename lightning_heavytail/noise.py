@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +42,8 @@ __all__ = [
     "NoiseStats",
     "NonFiniteParameterError",
     "add_heavy_tailed_noise",
+    "add_heavy_tailed_noise_groups",
+    "check_noise_scale",
     "draw_noise",
     "noise_scale",
 ]
@@ -52,8 +54,10 @@ NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 
 # Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
-# parameter cannot overflow when noise is added and no check after the addition is needed.
+# parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach ~1e38, so there, as for fp16,
+# the sum is checked before it is written (see _may_overflow).
 _MAX_SCALE = 1e15
+_HEAVIEST_SAFE_ALPHA = 0.5
 
 
 class NonFiniteParameterError(FloatingPointError):
@@ -98,7 +102,11 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     """
     if not lr_scaling:
         return float(sigma)
-    return float(sigma) * float(lr) ** (1.0 / alpha) if lr > 0 else 0.0
+    if lr <= 0 or sigma == 0:
+        return 0.0
+    # In log space: lr**(1/alpha) overflows a Python float (OverflowError) for large lr and small alpha.
+    log_scale = math.log(float(sigma)) + math.log(float(lr)) / alpha
+    return math.exp(log_scale) if log_scale < 709.0 else math.inf
 
 
 def _unit_shape(shape: torch.Size, structure: str) -> torch.Size:
@@ -169,6 +177,11 @@ def _is_narrow(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).max < 1e38
 
 
+def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
+    """Whether ``param + noise`` can overflow ``dtype`` although both are finite (see _MAX_SCALE)."""
+    return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
+
+
 def _noise_for(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
                step: int) -> Tensor:
     """The noise of one parameter at one step: a pure function of (seed, step, name), drawn on its device."""
@@ -187,10 +200,10 @@ def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, str
             f"parameter {name!r} holds inf or NaN at noise step {step}, before noise was added: the optimizer step"
             " produced it (check the loss, the learning rate and the gradients)."
         )
-    if _is_narrow(param.dtype):
+    if _may_overflow(param.dtype, alpha):
         # The noise is a pure function of (seed, step, name): draw it here to check, and again to apply, rather
-        # than hold a float32 copy of every fp16 parameter.
-        updated = param.float().add_(_noise_for(name, param, alpha, scale, structure, seed, step))
+        # than hold a float32 copy of every fp16 parameter. Out of place: param.float() is param itself for fp32.
+        updated = param.float() + _noise_for(name, param, alpha, scale, structure, seed, step)
         if not bool(updated.abs().max() <= torch.finfo(param.dtype).max):
             return (
                 f"noise would overflow parameter {name!r} ({param.dtype}) at noise step {step}; nothing was changed."
@@ -245,34 +258,90 @@ def add_heavy_tailed_noise(
         >>> stats.noised, bool((net.weight != before).all())
         (['weight'], True)
     """
-    check_alpha(alpha)
-    check_positive_finite(scale, "scale", allow_zero=True)
+    return add_heavy_tailed_noise_groups([(list(named_params), scale)], alpha, structure=structure, seed=seed,
+                                         step=step, on_nonfinite=on_nonfinite, track_max=track_max)
+
+
+def check_noise_scale(scale: float, argument: str = "scale") -> None:
+    """Check that a noise scale is finite, >= 0 and at most the bound below which float32 parameters cannot overflow.
+
+    Raises:
+        ValueError: naming ``argument``, the allowed range and the value.
+    """
+    check_positive_finite(scale, argument, allow_zero=True)
     if scale > _MAX_SCALE:
-        raise ValueError(f"`scale` must be at most {_MAX_SCALE:g} (heavier noise overflows float32), got {scale!r}")
+        raise ValueError(
+            f"`{argument}` must be at most {_MAX_SCALE:g} (heavier noise overflows float32), got {scale!r}"
+        )
+
+
+@torch.no_grad()
+def add_heavy_tailed_noise_groups(
+    groups: Sequence[tuple[Sequence[tuple[str, Tensor]], float]],
+    alpha: float,
+    *,
+    structure: NoiseStructure = "iid",
+    seed: int = 0,
+    step: int = 0,
+    on_nonfinite: NonFinitePolicy = "raise",
+    track_max: bool = False,
+) -> NoiseStats:
+    """``add_heavy_tailed_noise`` for several groups of parameters, each with its own scale, all or nothing.
+
+    Every check (the scales, then non-finite values and overflows of every parameter of every group) runs before any
+    parameter is written, so an error leaves all of them as they were: this is what an optimizer step with several
+    param groups (and learning rates) needs.
+
+    Args:
+        groups: ``(named_params, scale)`` pairs.
+        alpha: stability index in (0, 2].
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
+        seed: base seed.
+        step: the step counter.
+        on_nonfinite: ``"raise"``, ``"skip"`` or ``"ignore"``, as in ``add_heavy_tailed_noise``.
+        track_max: also return the largest |noise| added.
+
+    Returns:
+        A ``NoiseStats`` over all groups.
+
+    Examples:
+        >>> from torch import nn
+        >>> a, b = nn.Linear(3, 2, bias=False), nn.Linear(2, 2, bias=False)
+        >>> b.weight.data[0, 0] = float("nan")
+        >>> before = a.weight.detach().clone()
+        >>> try:
+        ...     add_heavy_tailed_noise_groups([(list(a.named_parameters()), 0.1), ([("b", b.weight)], 0.2)], 1.8)
+        ... except NonFiniteParameterError:
+        ...     print("raised; a unchanged:", bool(torch.equal(a.weight, before)))
+        raised; a unchanged: True
+    """
+    check_alpha(alpha)
+    for _, scale in groups:
+        check_noise_scale(scale)
     check_choice(structure, NOISE_STRUCTURES, "structure")
     check_choice(on_nonfinite, NONFINITE_POLICIES, "on_nonfinite")
     stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
-    if scale == 0.0:
-        return stats
+    work = [(list(targets), float(scale)) for targets, scale in groups if scale > 0.0]
     # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
-    targets = list(named_params)
     if on_nonfinite != "ignore":
+        for targets, scale in work:
+            for name, param in targets:
+                problem = _nonfinite_problem(name, param, alpha, scale, structure, seed, step)
+                if problem is None:
+                    continue
+                if on_nonfinite == "raise":
+                    raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
+                stats.skipped.append(name)
+    for targets, scale in work:
         for name, param in targets:
-            problem = _nonfinite_problem(name, param, alpha, scale, structure, seed, step)
-            if problem is None:
+            if name in stats.skipped:
                 continue
-            if on_nonfinite == "raise":
-                raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
-            stats.skipped.append(name)
-    for name, param in targets:
-        if name in stats.skipped:
-            continue
-        noise = _noise_for(name, param, alpha, scale, structure, seed, step)
-        if track_max:
-            stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
-        if _is_narrow(param.dtype):
-            param.copy_(param.float().add_(noise))  # add in float32, round once
-        else:
-            param.add_(noise.to(param.dtype))
-        stats.noised.append(name)
+            noise = _noise_for(name, param, alpha, scale, structure, seed, step)
+            if track_max:
+                stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
+            if _is_narrow(param.dtype):
+                param.copy_(param.float().add_(noise))  # add in float32, round once
+            else:
+                param.add_(noise.to(param.dtype))
+            stats.noised.append(name)
     return stats

@@ -143,3 +143,19 @@ def test_noise_runs_on_the_parameters_device_without_autograd():
     p = nn.Parameter(torch.zeros(3, 3))
     add_heavy_tailed_noise([("p", p)], 1.5, 0.1)
     assert p.grad_fn is None and p.requires_grad and np.isfinite(p.detach().numpy()).all()
+
+
+def test_noise_scale_saturates_to_inf_instead_of_overflowing_and_is_refused():
+    from lightning_heavytail.noise import check_noise_scale
+
+    assert noise_scale(1.0, 1e10, 0.01) == math.inf
+    with pytest.raises(ValueError, match="at most 1e\\+15"):
+        check_noise_scale(noise_scale(1.0, 1e10, 0.05))
+
+
+def test_heavy_alpha_below_one_half_is_checked_for_float32_overflow():
+    weight = torch.full((64, 64), 3.4e38)  # finite, next to float32's largest value
+    before = weight.clone()
+    with pytest.raises(NonFiniteParameterError, match="overflow"):  # at alpha 0.1, |X| > 1e20 for ~1% of draws
+        add_heavy_tailed_noise([("w", weight)], alpha=0.1, scale=1e15, seed=0, step=0)
+    assert torch.equal(weight, before)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -20,7 +21,8 @@ from lightning_heavytail.noise import (
     NONFINITE_POLICIES,
     NoiseStructure,
     NonFinitePolicy,
-    add_heavy_tailed_noise,
+    add_heavy_tailed_noise_groups,
+    check_noise_scale,
     noise_scale,
 )
 from lightning_heavytail.selection import ParamSelector, select_parameters, validate_exclude, validate_selector
@@ -111,6 +113,8 @@ class HeavyTailNoiseCallback(Callback):
         check_positive_finite(sigma, "sigma", allow_zero=True)
         if not isinstance(lr_scaling, bool):
             raise ValueError(f"`lr_scaling` must be True or False, got {lr_scaling!r}")
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"`log_stats` must be True or False, got {log_stats!r}")
         check_choice(structure, NOISE_STRUCTURES, "structure")
         validate_selector(params, "params")
         exclude = validate_exclude(exclude)
@@ -142,8 +146,11 @@ class HeavyTailNoiseCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        # A callable's repr holds its address, which changes between processes: its qualified name does not, so a
+        # resumed run finds its state.
+        params = self.params if not callable(self.params) else getattr(self.params, "__qualname__", "callable")
         return self._generate_state_key(alpha=self.alpha, sigma=self.sigma, structure=self.structure,
-                                        params=repr(self.params), exclude=self.exclude)
+                                        params=repr(params), exclude=self.exclude)
 
     @property
     def noise_step(self) -> int:
@@ -160,8 +167,10 @@ class HeavyTailNoiseCallback(Callback):
         if stage != "fit":
             return
         check_strategy_supported(trainer.strategy)
-        selected = select_parameters(pl_module, self.params, exclude=self.exclude, argument="params")
-        self._selected = {id(p): name for name, p in selected}
+        # Fail early on a selection that matches nothing, unless the module builds its layers in configure_model,
+        # which Lightning calls after setup: then the selection is made (and checked) at fit start.
+        if not is_overridden("configure_model", pl_module, pl.LightningModule):
+            select_parameters(pl_module, self.params, exclude=self.exclude, argument="params")
         if self._resolved_seed is None:
             self._resolved_seed = random.SystemRandom().randrange(2**63)
         # Every rank must use rank 0's seed, or DDP replicas drift apart with no error.
@@ -171,10 +180,15 @@ class HeavyTailNoiseCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()  # a second fit() must not leave doubled hooks
         self._trainer = trainer
+        selected = select_parameters(pl_module, self.params, exclude=self.exclude, argument="params")
+        self._selected = {id(p): name for name, p in selected}
+        for optimizer in trainer.optimizers:  # a scale that overflows is a configuration error: say so before step 0
+            for group in optimizer.param_groups:
+                self._group_scale(group)
         in_optimizers: set[int] = set()
         for optimizer in trainer.optimizers:
             in_optimizers.update(id(p) for group in optimizer.param_groups for p in group["params"])
-            self._handles.append(optimizer.register_step_post_hook(self._make_hook()))
+            self._handles += self._register_hooks(optimizer)
         orphans = [name for pid, name in self._selected.items() if pid not in in_optimizers]
         if len(orphans) == len(self._selected):
             raise ValueError(
@@ -210,16 +224,37 @@ class HeavyTailNoiseCallback(Callback):
             handle.remove()
         self._handles.clear()
 
-    def _make_hook(self) -> Callable[[torch.optim.Optimizer, tuple[Any, ...], dict[str, Any]], None]:
-        def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._after_optimizer_step(optimizer)
+    def _register_hooks(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+        # torch runs an optimizer's step hooks around every patched `step` in the class hierarchy: a subclass whose
+        # step calls super().step() fires them twice per real step. Counting depth, the noise goes in once, after
+        # the outermost step has returned.
+        depth = [0]
 
-        return hook
+        def pre_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            depth[0] += 1
+
+        def post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            depth[0] = max(depth[0] - 1, 0)
+            if depth[0] == 0:
+                self._after_optimizer_step(opt)
+
+        return [optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook)]
+
+    def _group_scale(self, group: dict[str, Any]) -> float:
+        scale = noise_scale(self.sigma, float(group["lr"]), self.alpha, lr_scaling=self.lr_scaling)
+        try:
+            check_noise_scale(scale, "sigma * lr**(1/alpha)")
+        except ValueError as err:
+            raise ValueError(
+                f"HeavyTailNoiseCallback: sigma={self.sigma}, lr={group['lr']}, alpha={self.alpha} give a noise scale"
+                f" of {scale:g}: {err}. Lower sigma or the learning rate, or raise alpha."
+            ) from None
+        return scale
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self._noise_step
-        self._noise_step += 1
         if step < self.start_step or (self.stop_step is not None and step >= self.stop_step):
+            self._noise_step += 1
             return
         trainer = self._trainer
         log_now = (
@@ -230,24 +265,22 @@ class HeavyTailNoiseCallback(Callback):
             and (step + 1) % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) == 0
         )
         seed = self._resolved_seed if self._resolved_seed is not None else 0
-        largest_scale, largest_noise = 0.0, 0.0
-        noised: list[Tensor] = []
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                targets = [(self._selected[id(p)], p) for p in group["params"]
-                           if id(p) in self._selected and p.requires_grad]
-                if not targets:
-                    continue
-                scale = noise_scale(self.sigma, float(group["lr"]), self.alpha, lr_scaling=self.lr_scaling)
-                stats = add_heavy_tailed_noise(targets, self.alpha, scale, structure=self.structure, seed=seed,
-                                               step=step, on_nonfinite=self.on_nonfinite, track_max=log_now)
-                largest_scale = max(largest_scale, scale)
-                largest_noise = max(largest_noise, stats.max_abs_noise or 0.0)
-                noised.extend(p for name, p in targets if name in stats.noised)
-            if self.sync == "broadcast":
-                _broadcast_from_rank_zero(noised)
+        groups = []
+        for group in optimizer.param_groups:
+            targets = [(self._selected[id(p)], p) for p in group["params"]
+                       if id(p) in self._selected and p.requires_grad]
+            if targets:
+                groups.append((targets, self._group_scale(group)))
+        # All groups are checked before any is written: a failure leaves every parameter as the optimizer left it.
+        stats = add_heavy_tailed_noise_groups(groups, self.alpha, structure=self.structure, seed=seed, step=step,
+                                              on_nonfinite=self.on_nonfinite, track_max=log_now)
+        if self.sync == "broadcast":
+            # Every target in a fixed order, skipped or not, so all ranks make the same broadcast calls.
+            _broadcast_from_rank_zero([p for targets, _ in groups for _, p in targets])
+        self._noise_step += 1  # only once the step's noise is in
         if log_now and trainer is not None and trainer.is_global_zero:
-            metrics = {"heavytail/noise_scale": largest_scale, "heavytail/max_abs_noise": largest_noise}
+            metrics = {"heavytail/noise_scale": max(scale for _, scale in groups) if groups else 0.0,
+                       "heavytail/max_abs_noise": stats.max_abs_noise or 0.0}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 

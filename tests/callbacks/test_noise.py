@@ -321,3 +321,86 @@ def test_parameters_in_no_optimizer_are_reported(tmp_path):
         trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(seed=0)], max_steps=1).fit(OnlyHidden())
 
 
+
+
+def test_a_failure_in_one_param_group_leaves_every_group_unnoised(tmp_path):
+    class NanInSecondGroup(torch.optim.SGD):
+        def step(self, closure=None):
+            loss = super().step(closure)
+            with torch.no_grad():  # as if this step had overflowed group 1 (the noise hook runs right after)
+                self.param_groups[1]["params"][0][0, 0] = float("nan")
+            return loss
+
+    class TwoGroups(MLP):
+        def configure_optimizers(self):
+            return NanInSecondGroup([{"params": [self.hidden.weight]}, {"params": [self.out.weight], "lr": 0.01}],
+                                    lr=0.1)
+
+    model = TwoGroups(grad_scale=0.0)  # zero gradients: only the noise could move the weights
+    before = model.hidden.weight.detach().clone()
+    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    with pytest.raises(NonFiniteParameterError, match=r"'out.weight'.*noise step 0"):
+        trainer(tmp_path, callbacks=[cb]).fit(model)
+    assert torch.equal(model.hidden.weight, before)  # group 0 comes first, and was still not noised
+    assert cb.noise_step == 0  # the step whose noise failed is not counted
+
+
+def test_modules_that_build_layers_in_configure_model_get_noise(tmp_path):
+    class Lazy(MLP):
+        def __init__(self):
+            super().__init__()
+            del self.hidden, self.out
+
+        def configure_model(self):
+            if not hasattr(self, "hidden"):
+                self.hidden, self.out = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(16, 3, bias=False)
+
+    model = Lazy()
+    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0, params="hidden.weight")
+    t = trainer(tmp_path, callbacks=[cb], max_steps=2)
+    t.fit(model)
+    assert cb.noise_step == 2 and len(cb._selected) == 1
+
+
+def test_a_scale_that_would_overflow_fails_at_fit_start_naming_sigma_lr_and_alpha(tmp_path):
+    model = MLP(lr=0.1)
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"sigma=1e\+20, lr=0\.1, alpha=1\.8 give a noise scale"):
+        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(1.8, 1e20, seed=0)]).fit(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_state_key_of_a_callable_selection_is_the_same_in_every_process():
+    def hidden_only(name, param):
+        return name.startswith("hidden")
+
+    key = HeavyTailNoiseCallback(params=hidden_only).state_key
+    assert "0x" not in key and "hidden_only" in key
+    assert key == HeavyTailNoiseCallback(params=hidden_only).state_key
+
+
+def test_log_stats_must_be_a_bool():
+    with pytest.raises(ValueError, match="`log_stats` must be True or False, got 'no'"):
+        HeavyTailNoiseCallback(log_stats="no")
+
+
+def test_an_optimizer_subclass_calling_super_step_gets_noise_once_per_step(tmp_path):
+    class LoggingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])  # torch patches SGD.step with the step hooks: now both are
+    calls = []
+
+    class Counting(HeavyTailNoiseCallback):
+        def _after_optimizer_step(self, optimizer):
+            calls.append(self.noise_step)
+            super()._after_optimizer_step(optimizer)
+
+    class Model(MLP):
+        def configure_optimizers(self):
+            return LoggingSGD(self.parameters(), lr=0.1)
+
+    cb = Counting(1.8, 0.01, seed=0)
+    trainer(tmp_path, callbacks=[cb], max_steps=3).fit(Model())
+    assert calls == [0, 1, 2] and cb.noise_step == 3
