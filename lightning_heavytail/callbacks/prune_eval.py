@@ -13,9 +13,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
@@ -205,6 +207,11 @@ class PruneEvalCallback(Callback):
             raise ValueError(f"`filename` must be None or a non-empty file name without a directory, got {filename!r}")
         if auc_metric is not None and (not isinstance(auc_metric, str) or not auc_metric):
             raise ValueError(f"`auc_metric` must be None or a metric name (a non-empty str), got {auc_metric!r}")
+        known = _metric_names(metrics)
+        if auc_metric is not None and known is not None and auc_metric not in known:
+            raise ValueError(
+                f"`auc_metric` must be one of {sorted(known)!r} (the metrics computed), got {auc_metric!r}"
+            )
 
         self.dataloader = dataloader
         self.metrics = metrics
@@ -247,12 +254,14 @@ class PruneEvalCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._prepare(trainer, pl_module)
+        with _own_rng(pl_module.device):
+            self._prepare(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._evaluate(trainer, pl_module)
+            with _own_rng(pl_module.device):
+                self._evaluate(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -311,6 +320,12 @@ class PruneEvalCallback(Callback):
             loaders = _lightning_loaders(self._lightning_source, self._source)
         batches = _ShardedBatches(loaders, trainer.global_rank, trainer.world_size)
         total = batches.total_batches
+        if total is None and trainer.world_size > 1:
+            # No length to check: count this rank's batches (one pass) and take the fewest over the ranks, so that
+            # every rank raises together rather than one waiting forever in the metric sync.
+            mine = torch.tensor(sum(1 for _ in batches), device=pl_module.device)
+            fewest = int(trainer.strategy.all_gather(mine).min())
+            total = trainer.world_size if fewest > 0 else 0
         if total is not None and total < trainer.world_size:
             # the same on every rank, so every rank raises (a rank without batches would hang the metric sync)
             raise ValueError(
@@ -433,6 +448,28 @@ class PruneEvalCallback(Callback):
 # ---------------------------------------------------------------------- evaluation data
 
 
+@contextlib.contextmanager
+def _own_rng(device: torch.device) -> Iterator[None]:
+    """Run with the global RNGs restored afterwards, so the evaluation leaves training's shuffles and dropout alone.
+
+    Iterating a DataLoader draws a seed from torch's global generator.
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _metric_names(metrics: Metric | MetricCollection | None) -> set[str] | None:
+    """The names the curve's metrics will have, where they are known before any evaluation."""
+    if metrics is None:
+        return {DEFAULT_METRIC_KEY}
+    if isinstance(metrics, MetricCollection):
+        return {str(key) for key in metrics.keys(keep_base=False)}
+    return None  # a single Metric may return one value (named after its class) or a dict
+
+
 def _check_dataloader(dataloader: object) -> None:
     """Raise unless ``dataloader`` is None or a re-iterable (not a one-shot iterator) of batches."""
     if dataloader is None:
@@ -462,28 +499,31 @@ def _lightning_loaders(data_source: Any, description: str | None) -> list[Iterab
 
 
 class _ShardBatchSampler:
-    """Every ``world``-th batch of ``batch_sampler``, starting at ``rank``: no padding, no duplicates."""
+    """The batches of ``batch_sampler`` whose global index ``offset + i`` falls to ``rank``: no padding or repeats."""
 
-    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world: int) -> None:
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world: int, offset: int = 0) -> None:
         self.batch_sampler = batch_sampler
         self.rank = rank
         self.world = world
+        self.offset = offset
 
     def __iter__(self) -> Iterator[list[int]]:
-        for i, batch in enumerate(self.batch_sampler):
+        for i, batch in enumerate(self.batch_sampler, start=self.offset):
             if i % self.world == self.rank:
                 yield batch
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.batch_sampler), self.world))  # type: ignore[arg-type]
+        first = (self.rank - self.offset) % self.world
+        return len(range(first, len(self.batch_sampler), self.world))  # type: ignore[arg-type]
 
 
-def _shard(loader: Iterable[Any], rank: int, world: int) -> Iterable[Any]:
-    """This rank's share of ``loader``: every ``world``-th batch, each batch of the single-process run exactly once.
+def _shard(loader: Iterable[Any], rank: int, world: int, offset: int = 0) -> Iterable[Any]:
+    """This rank's share of ``loader``, whose first batch has the global index ``offset`` among all loaders.
 
-    A plain map-style ``DataLoader`` is rebuilt around a sharded batch sampler, so a rank loads only its own batches;
-    any other iterable is read in full and every ``world``-th batch kept. A ``DataLoader`` that already has a
-    ``DistributedSampler`` is used as it is (the user sharded it).
+    A plain map-style ``DataLoader`` is rebuilt around a sharded batch sampler, so a rank loads only its own batches
+    (a shuffling one in the dataset's order: shuffles drawn on each rank's own RNG would overlap, and the metrics do
+    not depend on the order); any other iterable is read in full and its batches kept by global index. A
+    ``DataLoader`` that already has a ``DistributedSampler`` is used as it is (the user sharded it).
     """
     if world == 1:
         return loader
@@ -501,8 +541,12 @@ def _shard(loader: Iterable[Any], rank: int, world: int) -> Iterable[Any]:
         and loader.batch_sampler is not None
         and not isinstance(loader.dataset, IterableDataset)
     ):
+        batch_sampler: Iterable[list[int]] = loader.batch_sampler
+        if isinstance(loader.sampler, RandomSampler) and loader.batch_size is not None:
+            dataset: Any = loader.dataset  # map-style, so sized
+            batch_sampler = BatchSampler(SequentialSampler(dataset), loader.batch_size, loader.drop_last)
         kwargs: dict[str, Any] = {
-            "batch_sampler": _ShardBatchSampler(loader.batch_sampler, rank, world),
+            "batch_sampler": _ShardBatchSampler(batch_sampler, rank, world, offset),
             "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn,
             "pin_memory": loader.pin_memory,
@@ -518,30 +562,40 @@ def _shard(loader: Iterable[Any], rank: int, world: int) -> Iterable[Any]:
         if hasattr(loader, "in_order"):
             kwargs["in_order"] = loader.in_order
         return DataLoader(loader.dataset, **kwargs)
-    return _EveryNth(loader, rank, world)
+    return _EveryNth([loader], rank, world, offset)
 
 
 class _EveryNth:
-    """Re-iterable view of the batches ``rank, rank + world, ...`` of any re-iterable ``loader``."""
+    """Re-iterable view of the batches of ``loaders`` (one after the other) whose global index falls to ``rank``."""
 
-    def __init__(self, loader: Iterable[Any], rank: int, world: int) -> None:
-        self.loader = loader
+    def __init__(self, loaders: Sequence[Iterable[Any]], rank: int, world: int, offset: int = 0) -> None:
+        self.loaders = loaders
         self.rank = rank
         self.world = world
+        self.offset = offset
 
     def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.loader):
+        for i, batch in enumerate(itertools.chain.from_iterable(self.loaders), start=self.offset):
             if i % self.world == self.rank:
                 yield batch
 
 
 class _ShardedBatches:
-    """This rank's share of one or more loaders, read one after the other; re-iterable."""
+    """This rank's share of one or more loaders, read one after the other; re-iterable.
+
+    Batches are dealt to ranks by their index over all loaders together, so every rank gets a batch whenever there
+    are at least as many batches as ranks, however they are split between loaders.
+    """
 
     def __init__(self, loaders: Sequence[Iterable[Any]], rank: int, world: int) -> None:
-        self.parts = [_shard(loader, rank, world) for loader in loaders]
         lengths = [_length(loader) for loader in loaders]
         self.total_batches: int | None = None if None in lengths else sum(n for n in lengths if n is not None)
+        self.parts: list[Iterable[Any]]
+        if self.total_batches is None:
+            self.parts = [_EveryNth(loaders, rank, world)] if world > 1 else list(loaders)
+        else:
+            offsets = itertools.accumulate([0, *(n for n in lengths if n is not None)])
+            self.parts = [_shard(loader, rank, world, offset) for loader, offset in zip(loaders, offsets, strict=False)]
 
     def __iter__(self) -> Iterator[Any]:
         for part in self.parts:

@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard
+from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard, _ShardedBatches
 from lightning_heavytail.pruning import evaluate_pruning_curve
 
 LEVELS = (0.0, 0.5, 0.8, 0.95)
@@ -512,9 +512,17 @@ def test_custom_metrics_forward_fn_and_several_methods(tmp_path: Path) -> None:
 
 
 def test_unknown_auc_metric_is_a_clear_error(tmp_path: Path) -> None:
-    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), auc_metric="f1")
-    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    # known names (the default metric, a MetricCollection's keys): at construction
     with pytest.raises(ValueError, match=r"`auc_metric` must be one of \['accuracy'\] .* got 'f1'"):
+        PruneEvalCallback(sparsities=(0.0, 0.5), auc_metric="f1")
+    collection = MetricCollection({"acc": MulticlassAccuracy(num_classes=3)})
+    with pytest.raises(ValueError, match=r"one of \['acc'\]"):
+        PruneEvalCallback(metrics=collection, auc_metric="accuracy")
+    # a single Metric's names are known only once it has computed: at the first evaluation
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0), auc_metric="f1",
+                                 metrics=MulticlassAccuracy(num_classes=3))
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"`auc_metric` must be one of \['MulticlassAccuracy'\] .* got 'f1'"):
         trainer.fit(TinyNet(), loader(32, 1))
 
 
@@ -655,6 +663,49 @@ def test_shards_cover_every_batch_exactly_once(make: Any) -> None:
     assert len(shards[0]) == 6 and len(shards[1]) == 5  # batches 0, 2, 4 (+ the last of 1) and 1, 3
     again = [sample_ids(_shard(make(), rank, 2)) for rank in range(2)]
     assert again == shards  # re-iterable, same split each time
+
+
+def test_a_shuffling_loader_is_sharded_in_dataset_order_whatever_each_rank_s_rng() -> None:
+    # Each rank's unseeded shuffle would come from its own global RNG: overlapping shards. The dataset order cannot.
+    torch.manual_seed(0)
+    rank0 = sample_ids(_shard(DataLoader(torch.arange(11.0), batch_size=2, shuffle=True), 0, 2))
+    torch.manual_seed(1)
+    rank1 = sample_ids(_shard(DataLoader(torch.arange(11.0), batch_size=2, shuffle=True), 1, 2))
+    assert sorted(rank0 + rank1) == [float(i) for i in range(11)]
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_batches_are_dealt_over_all_loaders_so_every_rank_gets_one(sized: bool) -> None:
+    # two loaders of one batch each over two ranks: dealt per loader, rank 1 would get nothing and hang the sync
+    def loaders() -> list[Any]:
+        if sized:
+            return [DataLoader(torch.arange(2.0), batch_size=2), DataLoader(torch.arange(2.0, 5.0), batch_size=3)]
+        return [OneBatch(torch.arange(2.0)), OneBatch(torch.arange(2.0, 5.0))]
+
+    shards = [_ShardedBatches(loaders(), rank, 2) for rank in range(2)]
+    assert [len(sample_ids(shard)) for shard in shards] == [2, 3]
+    assert sorted(sample_ids(shards[0]) + sample_ids(shards[1])) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+class OneBatch:  # a re-iterable without a length, like a generator-backed stream
+    def __init__(self, batch: Tensor) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter([self.batch])
+
+
+def test_evaluation_leaves_the_global_rng_and_so_the_training_unchanged(tmp_path: Path) -> None:
+    def train(with_callback: bool) -> dict[str, Tensor]:
+        torch.manual_seed(0)
+        model = TinyNet()
+        data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=8, shuffle=True)
+        callbacks = [PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(16, 0))] if with_callback else []
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=3), callbacks=callbacks).fit(model, data)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain, evaluated = train(False), train(True)
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
 
 
 def test_shard_keeps_a_user_distributed_sampler() -> None:
