@@ -258,6 +258,24 @@ def eval_every(epochs: int) -> int:
     return max(d for d in range(1, epochs + 1) if epochs % d == 0 and epochs // d >= min(3, epochs))
 
 
+def _check_noise_and_output(config: DemoConfig) -> str | None:
+    """An error message for a noise scale that would overflow or an --out that cannot be a directory, else None."""
+    from lightning_heavytail.noise import check_noise_scale, noise_scale
+
+    scale = noise_scale(config.sigma, config.lr, config.alpha)
+    try:
+        check_noise_scale(scale, "sigma * lr**(1/alpha)")
+    except ValueError as err:
+        return f"argument --sigma/--lr/--alpha: sigma={config.sigma}, lr={config.lr}, alpha={config.alpha}: {err}"
+    out = Path(os.path.expanduser(config.out))
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"argument --out: {str(existing)!r} exists and is not a directory (got --out {config.out!r})"
+    if existing is not None and not os.access(existing, os.W_OK):
+        return f"argument --out: {str(existing)!r} is not writable (got --out {config.out!r})"
+    return None
+
+
 def _check_trainer(config: DemoConfig) -> str | None:
     """Build a Trainer with the hardware flags, without training; an error message if Lightning refuses them."""
     try:
@@ -483,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_dataset(config.dataset, config.data_dir)
         except (FileNotFoundError, ValueError) as err:
             demo_parser.error(f"argument --data-dir: {err}")
+    problem = _check_noise_and_output(config)
+    if problem is not None:
+        demo_parser.error(problem)
     _quiet(config.progress)
     problem = _check_trainer(config)
     if problem is not None:

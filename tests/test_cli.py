@@ -123,6 +123,22 @@ def test_bad_flags_exit_2_naming_the_flag(flag, value, expected, capsys, tmp_pat
     assert not (tmp_path / "results.json").exists()
 
 
+def test_an_overflowing_noise_scale_and_an_out_that_is_a_file_exit_2_before_training(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:  # 1e6 * 10**(1/0.1) = 1e16, above the 1e15 bound
+        main(["demo", "--alpha", "0.1", "--lr", "10", "--sigma", "1e6", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sigma/--lr/--alpha" in err and "at most 1e+15" in err and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(afile / "runs")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "is not a directory" in err
+    assert not list(tmp_path.glob("**/results.json"))
+
+
 def test_missing_data_dir_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--dataset", "mnist", "--out", str(tmp_path)])
