@@ -498,25 +498,6 @@ def _lightning_loaders(data_source: Any, description: str | None) -> list[Iterab
     return [loader for loader in CombinedLoader(loaders, mode="sequential").flattened if loader is not None]
 
 
-class _ShardBatchSampler:
-    """The batches of ``batch_sampler`` whose global index ``offset + i`` falls to ``rank``: no padding or repeats."""
-
-    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world: int, offset: int = 0) -> None:
-        self.batch_sampler = batch_sampler
-        self.rank = rank
-        self.world = world
-        self.offset = offset
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for i, batch in enumerate(self.batch_sampler, start=self.offset):
-            if i % self.world == self.rank:
-                yield batch
-
-    def __len__(self) -> int:
-        first = (self.rank - self.offset) % self.world
-        return len(range(first, len(self.batch_sampler), self.world))  # type: ignore[arg-type]
-
-
 def _shard(loader: Iterable[Any], rank: int, world: int, offset: int = 0) -> Iterable[Any]:
     """This rank's share of ``loader``, whose first batch has the global index ``offset`` among all loaders.
 
@@ -578,6 +559,18 @@ class _EveryNth:
         for i, batch in enumerate(itertools.chain.from_iterable(self.loaders), start=self.offset):
             if i % self.world == self.rank:
                 yield batch
+
+
+class _ShardBatchSampler(_EveryNth):
+    """A batch sampler's batches whose global index falls to ``rank``, with a length (DataLoader asks for one)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world: int, offset: int = 0) -> None:
+        super().__init__([batch_sampler], rank, world, offset)
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:
+        first = (self.rank - self.offset) % self.world
+        return len(range(first, len(self.batch_sampler), self.world))  # type: ignore[arg-type]
 
 
 class _ShardedBatches:
