@@ -184,11 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use only the first N training samples (quick checks)")
     demo.add_argument("--max-test-samples", type=_integer(1), default=None,
                       help="use only the first N test samples (quick checks)")
-    _DEMO_PARSERS[id(parser)] = demo
+    # main() reports flag errors through the demo subparser, so its usage line is the one shown.
+    demo.set_defaults(demo_parser=demo)
     return parser
-
-
-_DEMO_PARSERS: dict[int, argparse.ArgumentParser] = {}  # the ``demo`` subparser of each parser built here
 
 
 def _config(args: argparse.Namespace) -> DemoConfig:
@@ -486,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    demo_parser = _DEMO_PARSERS.pop(id(parser))
+    demo_parser: argparse.ArgumentParser = args.demo_parser
     config = _config(args)
     if config.dataset != "digits":
         if config.data_dir is None:
