@@ -82,3 +82,31 @@ def test_bad_selectors_fail_without_a_model(params: object, error: type[Exceptio
 def test_bad_exclude_names_the_argument(exclude: object) -> None:
     with pytest.raises(ValueError, match="`exclude` must be a glob pattern or a sequence of patterns"):
         validate_exclude(exclude)
+
+
+def test_paper_preset_reads_the_structure_so_a_frozen_output_layer_is_still_the_output_layer() -> None:
+    mlp = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    mlp[2].weight.requires_grad_(False)  # a mean-field network's fixed second layer
+    assert names(mlp, "paper") == ["0.weight"]
+    mlp[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
+        select_parameters(mlp, "paper")
+    assert names(mlp, "paper", trainable_only=False) == ["0.weight"]
+    assert names(mlp, "weights", trainable_only=False) == ["0.weight", "2.weight"]
+
+
+def test_lazy_parameters_are_refused_by_shape_rules_and_named_in_the_message() -> None:
+    from lightning_heavytail.selection import UninitializedParameterError, uninitialized_parameters
+
+    net = nn.Sequential(nn.LazyLinear(8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    assert uninitialized_parameters(net) == ["0.weight"]
+    for params in ("weights", "paper", lambda name, p: True):
+        with pytest.raises(UninitializedParameterError, match=r"\['0\.weight'\] are lazy"):
+            select_parameters(net, params)
+    assert names(net, "2.*") == ["2.weight"]  # patterns read names only
+    with pytest.raises(UninitializedParameterError, match="selects lazy parameters"):
+        select_parameters(net, "0.*")
+    with pytest.raises(ValueError, match=r"0\.weight \(uninitialized\)"):  # the message itself must not crash
+        select_parameters(net, "nothing")
+    net(torch.zeros(2, 5))
+    assert uninitialized_parameters(net) == [] and names(net, "paper") == ["0.weight"]
