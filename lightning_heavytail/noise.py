@@ -28,18 +28,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_heavytail._checks import check_alpha, check_choice, check_positive_finite
-from lightning_heavytail.stable import derive_seed, sample_positive_stable, sample_stable
+from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail.stable import (
+    SamplerPath,
+    StreamKey,
+    choose_path,
+    compile_available,
+    derive_key,
+    normal_at,
+    positive_stable_at,
+    stable_at,
+)
 
 __all__ = [
     "NOISE_STRUCTURES",
+    "NoiseBlock",
     "NoiseStats",
+    "NoiseTarget",
     "NonFiniteParameterError",
     "add_heavy_tailed_noise",
     "add_heavy_tailed_noise_groups",
@@ -72,11 +83,14 @@ class NoiseStats:
         noised: names of the parameters that received noise.
         skipped: names of the parameters left untouched because they were (or would become) non-finite.
         max_abs_noise: the largest |noise| added, when asked for (``track_max=True``), else ``None``.
+        paths: for each noised parameter, the sampler kernel that drew its noise, ``"eager"`` or ``"compiled"``
+            (see ``lightning_heavytail.stable.COMPILE_MIN_DRAWS``): the two round differently in the last bits.
     """
 
     noised: list[str]
     skipped: list[str]
     max_abs_noise: float | None = None
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
@@ -109,10 +123,91 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     return math.exp(log_scale) if log_scale < 709.0 else math.inf
 
 
-def _unit_shape(shape: torch.Size, structure: str) -> torch.Size:
-    if structure == "iid" or len(shape) == 0:
-        return shape
-    return torch.Size([shape[0]] + [1] * (len(shape) - 1))
+@dataclass(frozen=True)
+class NoiseBlock:
+    """Where a tensor's entries sit in the whole parameter.
+
+    The noise is drawn by global index, so a shard draws exactly its slice of the whole parameter's noise.
+
+    Attributes:
+        global_shape: the whole parameter's shape.
+        offsets: the first global index of the local block along each dimension.
+        local_shape: the shape of the local block.
+    """
+
+    global_shape: torch.Size
+    offsets: tuple[int, ...]
+    local_shape: torch.Size
+
+    @classmethod
+    def whole(cls, shape: torch.Size | tuple[int, ...]) -> NoiseBlock:
+        """The block of an unsharded tensor: all of it."""
+        size = torch.Size(shape)
+        return cls(size, (0,) * len(size), size)
+
+    def draw_count(self, structure: str) -> int:
+        """Draws per step of the whole parameter (not of the block): the size the sampler path is chosen by."""
+        if structure == "neuron" and len(self.global_shape) > 0:
+            return int(self.global_shape[0])
+        return int(self.global_shape.numel())
+
+    def rows(self) -> range:
+        """Global indices of the block's units (dim 0): one neuron draw, or one elliptical mixing draw, each."""
+        if len(self.global_shape) == 0:
+            return range(1)
+        return range(self.offsets[0], self.offsets[0] + self.local_shape[0])
+
+    def unit_shape(self) -> torch.Size:
+        """The shape of one value per local unit, broadcasting over the block."""
+        if len(self.local_shape) == 0:
+            return self.local_shape
+        return torch.Size([self.local_shape[0]] + [1] * (len(self.local_shape) - 1))
+
+    def flat_index(self, device: torch.device) -> Tensor | range:
+        """Global row-major indices of the block's entries: a range when the block is contiguous in the whole."""
+        shape, offsets, local = self.global_shape, self.offsets, self.local_shape
+        if len(shape) == 0:
+            return range(1)
+        if all(o == 0 for o in offsets[1:]) and tuple(local[1:]) == tuple(shape[1:]):
+            start = offsets[0] * math.prod(shape[1:])
+            return range(start, start + local.numel())
+        index = torch.zeros((), dtype=torch.int64, device=device)
+        for dim, (offset, size) in enumerate(zip(offsets, local, strict=True)):
+            view = [1] * len(local)
+            view[dim] = size
+            stride = math.prod(shape[dim + 1:])
+            index = index + (torch.arange(offset, offset + size, device=device) * stride).view(view)
+        return index.expand(local).reshape(-1)
+
+
+def _standard_noise(block: NoiseBlock, alpha: float, structure: str, key: StreamKey, mixing_key: StreamKey,
+                    device: torch.device, compute_dtype: torch.dtype) -> tuple[Tensor, SamplerPath]:
+    """Scale-1 noise of ``block`` (SaS(1) marginals) shaped to broadcast over it, and the kernel that drew it.
+
+    The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
+    tensor would.
+    """
+    path = choose_path(block.draw_count(structure), device)
+    if structure == "neuron":
+        noise = stable_at(alpha, key, block.rows(), device=device, dtype=compute_dtype, path=path)
+        noise = noise.reshape(block.unit_shape())
+    elif structure == "iid":
+        noise = stable_at(alpha, key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
+        noise = noise.reshape(block.local_shape)
+    else:  # elliptical: sqrt(A) * G per unit, A positive (alpha/2)-stable (1 at alpha = 2), G ~ N(0, 2 I)
+        noise = normal_at(key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
+        noise = noise.reshape(block.local_shape).mul_(math.sqrt(2.0))
+        if alpha < 2.0:
+            mixing = positive_stable_at(alpha / 2.0, mixing_key, block.rows(), device=device, dtype=compute_dtype,
+                                        path=path)
+            noise = noise.mul_(mixing.sqrt_().reshape(block.unit_shape()))
+    # a compile failure during the call falls back to eager: report what ran
+    return noise, path if compile_available(device) else "eager"
+
+
+def _stream_keys(seed: int, step: int, name: str) -> tuple[StreamKey, StreamKey]:
+    """The keys of a parameter's noise at a step: the main stream, and the elliptical mixing variables' stream."""
+    return derive_key(seed, step, name), derive_key(seed, step, name, "elliptical-mixing")
 
 
 def draw_noise(
@@ -128,14 +223,16 @@ def draw_noise(
     """Draw the noise for one parameter of the given shape: ``scale * X`` with the chosen structure.
 
     Arithmetic runs in float32 (float64 for a float64 output) and is cast at the end. For ``"neuron"`` the result has
-    shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``.
+    shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``. The stream keys
+    come from ``generator`` (torch's default generator when None); the noise callback instead keys each parameter's
+    noise by ``derive_key(seed, step, name)``.
 
     Args:
         shape: the parameter's shape; dimension 0 indexes output units.
         alpha: stability index in (0, 2].
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"`` (see the module docstring).
         scale: multiplies the scale-1 draws.
-        generator: a ``torch.Generator`` on ``device``.
+        generator: a ``torch.Generator``.
         device: where to draw.
         dtype: output dtype.
 
@@ -151,19 +248,15 @@ def draw_noise(
     """
     check_alpha(alpha)
     check_choice(structure, NOISE_STRUCTURES, "structure")
-    size = torch.Size(shape)
-    if structure != "elliptical" or len(size) == 0:
-        return sample_stable(alpha, _unit_shape(size, structure), scale=scale, generator=generator, device=device,
-                             dtype=dtype)
+    check_positive_finite(scale, "scale", allow_zero=True)
+    dev = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=generator, dtype=torch.int64,
+                          device=generator.device if generator is not None else dev).tolist()
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    mixing = sample_positive_stable(alpha / 2.0, _unit_shape(size, "neuron"), generator=generator, device=device,
-                                    dtype=compute_dtype)
-    gaussian = torch.randn(size, generator=generator, device=device, dtype=compute_dtype)
-    noise = gaussian.mul_(mixing.sqrt_().mul_(math.sqrt(2.0) * scale))
-    if dtype != compute_dtype:
-        finfo = torch.finfo(dtype)
-        noise = noise.clamp_(finfo.min, finfo.max).to(dtype)
-    return noise
+    noise, _ = _standard_noise(NoiseBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
+                               (words[2], words[3]), dev, compute_dtype)
+    finfo = torch.finfo(dtype)
+    return (noise * scale).clamp_(finfo.min, finfo.max).to(dtype)
 
 
 def _is_finite(tensor: Tensor) -> bool:
@@ -182,19 +275,42 @@ def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
     return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
 
 
-def _noise_for(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
-               step: int) -> Tensor:
-    """The noise of one parameter at one step: a pure function of (seed, step, name), drawn on its device."""
-    generator = torch.Generator(device=param.device).manual_seed(derive_seed(seed, step, name))
+@dataclass(frozen=True)
+class NoiseTarget:
+    """One tensor to add noise to.
+
+    Attributes:
+        name: the parameter's name; with the seed and the step it keys the noise.
+        tensor: what is written: the parameter itself, or the local part of a sharded one.
+        block: where ``tensor`` sits in the whole parameter (``NoiseBlock.whole`` for an unsharded one).
+    """
+
+    name: str
+    tensor: Tensor
+    block: NoiseBlock
+
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> NoiseTarget:
+        """The target of a whole (unsharded) tensor."""
+        return cls(name, tensor, NoiseBlock.whole(tensor.shape))
+
+
+def _noise_for(target: NoiseTarget, alpha: float, scale: float, structure: NoiseStructure, seed: int,
+               step: int) -> tuple[Tensor, SamplerPath]:
+    """The noise of one target at one step, a pure function of (seed, step, name, global index), and its kernel."""
+    param = target.tensor
     # float64 parameters get float64 noise; every other dtype gets float32 arithmetic.
-    noise_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    return draw_noise(param.shape, alpha, structure=structure, scale=scale, generator=generator, device=param.device,
-                      dtype=noise_dtype)
+    compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    key, mixing_key = _stream_keys(seed, step, target.name)
+    noise, path = _standard_noise(target.block, alpha, structure, key, mixing_key, param.device, compute_dtype)
+    finfo = torch.finfo(compute_dtype)
+    return noise.mul_(scale).clamp_(finfo.min, finfo.max), path
 
 
-def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
+def _nonfinite_problem(target: NoiseTarget, alpha: float, scale: float, structure: NoiseStructure, seed: int,
                        step: int) -> str | None:
-    """Why adding noise to ``param`` now would train on inf/NaN, or None when it is safe."""
+    """Why adding noise to the target now would train on inf/NaN, or None when it is safe."""
+    name, param = target.name, target.tensor
     if not _is_finite(param):
         return (
             f"parameter {name!r} holds inf or NaN at noise step {step}, before noise was added: the optimizer step"
@@ -203,7 +319,7 @@ def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, str
     if _may_overflow(param.dtype, alpha):
         # The noise is a pure function of (seed, step, name): draw it here to check, and again to apply, rather
         # than hold a float32 copy of every fp16 parameter. Out of place: param.float() is param itself for fp32.
-        updated = param.float() + _noise_for(name, param, alpha, scale, structure, seed, step)
+        updated = param.float() + _noise_for(target, alpha, scale, structure, seed, step)[0]
         if not bool(updated.abs().max() <= torch.finfo(param.dtype).max):
             return (
                 f"noise would overflow parameter {name!r} ({param.dtype}) at noise step {step}; nothing was changed."
@@ -214,7 +330,7 @@ def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, str
 
 @torch.no_grad()
 def add_heavy_tailed_noise(
-    named_params: Iterable[tuple[str, Tensor]],
+    named_params: Iterable[tuple[str, Tensor] | NoiseTarget],
     alpha: float,
     scale: float,
     *,
@@ -226,12 +342,13 @@ def add_heavy_tailed_noise(
 ) -> NoiseStats:
     """Add ``scale * X`` in place to each parameter, X SaS(1) with the given structure, reproducibly.
 
-    The noise of parameter ``name`` is drawn from a generator seeded with ``derive_seed(seed, step, name)`` on the
-    parameter's own device, so it depends only on ``(seed, step, name)``: every DDP rank draws the same noise, and a
-    resumed run the same as an uninterrupted one.
+    The noise of parameter ``name`` is the counter-based stream ``derive_key(seed, step, name)`` read at the global
+    index of each entry (``"iid"``) or unit (``"neuron"``), on the parameter's own device, so it depends only on
+    ``(seed, step, name)``: every DDP rank draws the same noise, a resumed run the same as an uninterrupted one, and
+    a shard (see ``NoiseTarget``) exactly its slice. Names must therefore be distinct.
 
     Args:
-        named_params: ``(name, parameter)`` pairs, e.g. from ``select_parameters``.
+        named_params: ``(name, parameter)`` pairs, e.g. from ``select_parameters``, or ``NoiseTarget``s.
         alpha: stability index in (0, 2].
         scale: noise scale, usually ``noise_scale`` of the step's learning rate; 0 adds nothing.
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
@@ -248,7 +365,9 @@ def add_heavy_tailed_noise(
 
     Raises:
         NonFiniteParameterError: with ``on_nonfinite="raise"``, see above.
-        ValueError: on a bad argument.
+        ValueError: on a bad argument, or a name given twice (two models' ``named_parameters()`` concatenated: prefix
+            them), or one tensor under two names.
+        TypeError: for a tensor that is not real floating point.
 
     Examples:
         >>> from torch import nn
@@ -277,7 +396,7 @@ def check_noise_scale(scale: float, argument: str = "scale") -> None:
 
 @torch.no_grad()
 def add_heavy_tailed_noise_groups(
-    groups: Sequence[tuple[Sequence[tuple[str, Tensor]], float]],
+    groups: Sequence[tuple[Sequence[tuple[str, Tensor] | NoiseTarget], float]],
     alpha: float,
     *,
     structure: NoiseStructure = "iid",
@@ -293,7 +412,7 @@ def add_heavy_tailed_noise_groups(
     param groups (and learning rates) needs.
 
     Args:
-        groups: ``(named_params, scale)`` pairs.
+        groups: ``(named_params, scale)`` pairs; ``named_params`` as in ``add_heavy_tailed_noise``.
         alpha: stability index in (0, 2].
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         seed: base seed.
@@ -320,28 +439,66 @@ def add_heavy_tailed_noise_groups(
         check_noise_scale(scale)
     check_choice(structure, NOISE_STRUCTURES, "structure")
     check_choice(on_nonfinite, NONFINITE_POLICIES, "on_nonfinite")
+    check_int(seed, "seed", minimum=-(2**63))
+    check_int(step, "step")
+    grouped = [([_as_target(item) for item in items], float(scale)) for items, scale in groups]
+    _check_distinct([target for targets, _ in grouped for target in targets])
     stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
-    work = [(list(targets), float(scale)) for targets, scale in groups if scale > 0.0]
+    work = [(targets, scale) for targets, scale in grouped if scale > 0.0]
+    seed, step = int(seed), int(step)
     # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
+    skipped: set[str] = set()
     if on_nonfinite != "ignore":
         for targets, scale in work:
-            for name, param in targets:
-                problem = _nonfinite_problem(name, param, alpha, scale, structure, seed, step)
+            for target in targets:
+                problem = _nonfinite_problem(target, alpha, scale, structure, seed, step)
                 if problem is None:
                     continue
                 if on_nonfinite == "raise":
                     raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
-                stats.skipped.append(name)
+                skipped.add(target.name)
+                stats.skipped.append(target.name)
     for targets, scale in work:
-        for name, param in targets:
-            if name in stats.skipped:
+        for target in targets:
+            if target.name in skipped:
                 continue
-            noise = _noise_for(name, param, alpha, scale, structure, seed, step)
-            if track_max:
+            param = target.tensor
+            noise, stats.paths[target.name] = _noise_for(target, alpha, scale, structure, seed, step)
+            if track_max and noise.numel() > 0:
                 stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
             if _is_narrow(param.dtype):
                 param.copy_(param.float().add_(noise))  # add in float32, round once
             else:
                 param.add_(noise.to(param.dtype))
-            stats.noised.append(name)
+            stats.noised.append(target.name)
     return stats
+
+
+def _as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:
+    target = item if isinstance(item, NoiseTarget) else NoiseTarget.of(*item)
+    if not isinstance(target.name, str):
+        raise TypeError(f"parameter names must be strings, got {type(target.name).__name__}: {target.name!r}")
+    tensor = target.tensor
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        what = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise TypeError(f"parameter {target.name!r} must be a real floating point tensor to get noise, got {what}")
+    return target
+
+
+def _check_distinct(targets: Sequence[NoiseTarget]) -> None:
+    """Refuse a name given twice (both tensors would get identical noise) or a tensor given twice (noised twice)."""
+    names: dict[str, int] = {}
+    tensors: dict[int, str] = {}
+    for target in targets:
+        if target.name in names:
+            raise ValueError(
+                f"parameter name {target.name!r} is given twice: the noise is a function of (seed, step, name), so"
+                " both tensors would get identical noise. Give every tensor its own name (e.g. prefix each model's"
+                " named_parameters() with the model's name)."
+            )
+        names[target.name] = 1
+        owner = tensors.setdefault(id(target.tensor), target.name)
+        if owner != target.name:
+            raise ValueError(
+                f"the same tensor is given as {owner!r} and as {target.name!r}; it would get noise twice per step"
+            )
