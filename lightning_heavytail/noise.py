@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
 from lightning_heavytail.stable import (
     SamplerPath,
     StreamKey,
@@ -48,7 +49,6 @@ from lightning_heavytail.stable import (
 
 __all__ = [
     "NOISE_STRUCTURES",
-    "NoiseBlock",
     "NoiseStats",
     "NoiseTarget",
     "NonFiniteParameterError",
@@ -123,74 +123,32 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     return math.exp(log_scale) if log_scale < 709.0 else math.inf
 
 
-@dataclass(frozen=True)
-class NoiseBlock:
-    """Where a tensor's entries sit in the whole parameter.
-
-    The noise is drawn by global index, so a shard draws exactly its slice of the whole parameter's noise.
-
-    Attributes:
-        global_shape: the whole parameter's shape.
-        offsets: the first global index of the local block along each dimension.
-        local_shape: the shape of the local block.
-    """
-
-    global_shape: torch.Size
-    offsets: tuple[int, ...]
-    local_shape: torch.Size
-
-    @classmethod
-    def whole(cls, shape: torch.Size | tuple[int, ...]) -> NoiseBlock:
-        """The block of an unsharded tensor: all of it."""
-        size = torch.Size(shape)
-        return cls(size, (0,) * len(size), size)
-
-    def draw_count(self, structure: str) -> int:
-        """Draws per step of the whole parameter (not of the block): the size the sampler path is chosen by."""
-        if structure == "neuron" and len(self.global_shape) > 0:
-            return int(self.global_shape[0])
-        return int(self.global_shape.numel())
-
-    def rows(self) -> range:
-        """Global indices of the block's units (dim 0): one neuron draw, or one elliptical mixing draw, each."""
-        if len(self.global_shape) == 0:
-            return range(1)
-        return range(self.offsets[0], self.offsets[0] + self.local_shape[0])
-
-    def unit_shape(self) -> torch.Size:
-        """The shape of one value per local unit, broadcasting over the block."""
-        if len(self.local_shape) == 0:
-            return self.local_shape
-        return torch.Size([self.local_shape[0]] + [1] * (len(self.local_shape) - 1))
-
-    def flat_index(self, device: torch.device) -> Tensor | range:
-        """Global row-major indices of the block's entries: a range when the block is contiguous in the whole."""
-        shape, offsets, local = self.global_shape, self.offsets, self.local_shape
-        if len(shape) == 0:
-            return range(1)
-        if all(o == 0 for o in offsets[1:]) and tuple(local[1:]) == tuple(shape[1:]):
-            start = offsets[0] * math.prod(shape[1:])
-            return range(start, start + local.numel())
-        index = torch.zeros((), dtype=torch.int64, device=device)
-        for dim, (offset, size) in enumerate(zip(offsets, local, strict=True)):
-            view = [1] * len(local)
-            view[dim] = size
-            stride = math.prod(shape[dim + 1:])
-            index = index + (torch.arange(offset, offset + size, device=device) * stride).view(view)
-        return index.expand(local).reshape(-1)
+def _draw_count(block: LocalBlock, structure: str) -> int:
+    """Draws per step of the whole parameter (not of the block): the size the sampler kernel is chosen by."""
+    if structure == "neuron" and len(block.global_shape) > 0:
+        return int(block.global_shape[0])
+    return int(block.global_shape.numel())
 
 
-def _standard_noise(block: NoiseBlock, alpha: float, structure: str, key: StreamKey, mixing_key: StreamKey,
+def _unit_shape(block: LocalBlock) -> torch.Size:
+    """The shape of one value per local unit (dim 0), broadcasting over the block."""
+    shape = block.local_shape
+    return shape if len(shape) == 0 else torch.Size([shape[0]] + [1] * (len(shape) - 1))
+
+
+def _standard_noise(block: LocalBlock, alpha: float, structure: str, key: StreamKey, mixing_key: StreamKey,
                     device: torch.device, compute_dtype: torch.dtype) -> tuple[Tensor, SamplerPath]:
     """Scale-1 noise of ``block`` (SaS(1) marginals) shaped to broadcast over it, and the kernel that drew it.
 
     The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
     tensor would.
     """
-    path = choose_path(block.draw_count(structure), device)
+    path = choose_path(_draw_count(block, structure), device)
+    rows = block.rows()
+    rows = rows.to(device) if isinstance(rows, Tensor) else rows
     if structure == "neuron":
-        noise = stable_at(alpha, key, block.rows(), device=device, dtype=compute_dtype, path=path)
-        noise = noise.reshape(block.unit_shape())
+        noise = stable_at(alpha, key, rows, device=device, dtype=compute_dtype, path=path)
+        noise = noise.reshape(_unit_shape(block))
     elif structure == "iid":
         noise = stable_at(alpha, key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
         noise = noise.reshape(block.local_shape)
@@ -198,9 +156,8 @@ def _standard_noise(block: NoiseBlock, alpha: float, structure: str, key: Stream
         noise = normal_at(key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
         noise = noise.reshape(block.local_shape).mul_(math.sqrt(2.0))
         if alpha < 2.0:
-            mixing = positive_stable_at(alpha / 2.0, mixing_key, block.rows(), device=device, dtype=compute_dtype,
-                                        path=path)
-            noise = noise.mul_(mixing.sqrt_().reshape(block.unit_shape()))
+            mixing = positive_stable_at(alpha / 2.0, mixing_key, rows, device=device, dtype=compute_dtype, path=path)
+            noise = noise.mul_(mixing.sqrt_().reshape(_unit_shape(block)))
     # a compile failure during the call falls back to eager: report what ran
     return noise, path if compile_available(device) else "eager"
 
@@ -253,7 +210,7 @@ def draw_noise(
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=generator, dtype=torch.int64,
                           device=generator.device if generator is not None else dev).tolist()
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    noise, _ = _standard_noise(NoiseBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
+    noise, _ = _standard_noise(LocalBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
                                (words[2], words[3]), dev, compute_dtype)
     finfo = torch.finfo(dtype)
     return (noise * scale).clamp_(finfo.min, finfo.max).to(dtype)
@@ -282,17 +239,20 @@ class NoiseTarget:
     Attributes:
         name: the parameter's name; with the seed and the step it keys the noise.
         tensor: what is written: the parameter itself, or the local part of a sharded one.
-        block: where ``tensor`` sits in the whole parameter (``NoiseBlock.whole`` for an unsharded one).
+        block: where ``tensor`` sits in the whole parameter (``LocalBlock.whole`` for an unsharded one).
+        sharded: whether other ranks hold other parts of the parameter (then every rank must agree on skipping it).
     """
 
     name: str
     tensor: Tensor
-    block: NoiseBlock
+    block: LocalBlock
+    sharded: bool = False
 
     @classmethod
     def of(cls, name: str, tensor: Tensor) -> NoiseTarget:
-        """The target of a whole (unsharded) tensor."""
-        return cls(name, tensor, NoiseBlock.whole(tensor.shape))
+        """The target of a parameter: itself, or for a DTensor (FSDP2, tensor parallel) its local part."""
+        local, block = local_part(tensor)
+        return cls(name, local, block, is_sharded(tensor))
 
 
 def _noise_for(target: NoiseTarget, alpha: float, scale: float, structure: NoiseStructure, seed: int,
@@ -449,15 +409,17 @@ def add_heavy_tailed_noise_groups(
     # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
     skipped: set[str] = set()
     if on_nonfinite != "ignore":
-        for targets, scale in work:
-            for target in targets:
-                problem = _nonfinite_problem(target, alpha, scale, structure, seed, step)
-                if problem is None:
-                    continue
-                if on_nonfinite == "raise":
-                    raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
-                skipped.add(target.name)
-                stats.skipped.append(target.name)
+        checked = [(target, _nonfinite_problem(target, alpha, scale, structure, seed, step))
+                   for targets, scale in work for target in targets]
+        for target, problem in _agreed_across_ranks(checked, step):
+            if problem is None:
+                continue
+            if on_nonfinite == "raise":
+                raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
+            skipped.add(target.name)
+            stats.skipped.append(target.name)
+    sharded = any(target.sharded for targets, _ in grouped for target in targets)
+    largest = torch.zeros((), dtype=torch.float64)
     for targets, scale in work:
         for target in targets:
             if target.name in skipped:
@@ -465,13 +427,53 @@ def add_heavy_tailed_noise_groups(
             param = target.tensor
             noise, stats.paths[target.name] = _noise_for(target, alpha, scale, structure, seed, step)
             if track_max and noise.numel() > 0:
-                stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
+                largest = torch.maximum(largest, noise.abs().max().double().cpu())
             if _is_narrow(param.dtype):
                 param.copy_(param.float().add_(noise))  # add in float32, round once
             else:
                 param.add_(noise.to(param.dtype))
             stats.noised.append(target.name)
+    if track_max:
+        # the largest over the whole parameters: under sharding each rank saw only its part
+        stats.max_abs_noise = float(_all_ranks_max(largest) if sharded else largest)
     return stats
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def _all_ranks_max(values: Tensor) -> Tensor:
+    """The elementwise max of ``values`` over all ranks (a no-op outside a process group)."""
+    if not _distributed():
+        return values
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    reduced = values.to(device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return reduced.to(values.device)
+
+
+def _agreed_across_ranks(checked: list[tuple[NoiseTarget, str | None]],
+                         step: int) -> list[tuple[NoiseTarget, str | None]]:
+    """Make every rank reach the same verdict on every sharded target, whichever rank's part holds the problem.
+
+    Without this, the rank whose shard holds a NaN would raise (or skip) while the others went on: a hang in the next
+    collective, or a parameter noised on some ranks only. One all-reduce of one flag per target, only when a target
+    is sharded.
+    """
+    if not any(target.sharded for target, _ in checked) or not _distributed():
+        return checked
+    flags = _all_ranks_max(torch.tensor([problem is not None for _, problem in checked], dtype=torch.int32))
+    return [
+        (target, problem if problem is not None or not bool(flag) else (
+            f"parameter {target.name!r} holds inf or NaN, or would overflow, in another rank's part at noise step"
+            f" {step}; nothing was changed on any rank."
+        ))
+        for (target, problem), flag in zip(checked, flags.tolist(), strict=True)
+    ]
 
 
 def _as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:

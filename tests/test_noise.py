@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from lightning_heavytail.noise import (
-    NoiseBlock,
     NoiseTarget,
     NonFiniteParameterError,
     add_heavy_tailed_noise,
@@ -15,6 +14,7 @@ from lightning_heavytail.noise import (
     draw_noise,
     noise_scale,
 )
+from lightning_heavytail.sharding import LocalBlock
 from lightning_heavytail.stable import derive_key, stable_at
 
 
@@ -193,7 +193,7 @@ def test_every_block_of_a_parameter_gets_exactly_its_slice_of_the_whole_noise(st
     for offsets, local in [((0, 0, 0), (3, 5, 3)), ((3, 0, 0), (4, 5, 3)), ((6, 0, 0), (1, 5, 3)),
                            ((0, 2, 0), (7, 3, 3)), ((2, 1, 1), (3, 2, 2)), ((7, 0, 0), (0, 5, 3))]:
         part = torch.zeros(local, dtype=dtype)
-        block = NoiseBlock(whole.shape, offsets, torch.Size(local))
+        block = LocalBlock.from_offsets(whole.shape, offsets, local)
         add_heavy_tailed_noise([NoiseTarget("w", part, block)], 1.6, 0.1, structure=structure, seed=4, step=9)
         index = tuple(slice(o, o + n) for o, n in zip(offsets, local, strict=True))
         assert torch.equal(part, whole[index]), (offsets, local)

@@ -36,7 +36,6 @@ from lightning_heavytail.selection import (
 )
 
 SYNC_MODES = ("seed", "broadcast")
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _STATE_VERSION = 2
 # The settings a checkpoint records; a resume that changes one of them is told so (the step count continues).
 _SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "seed", "start_step", "stop_step")
@@ -45,19 +44,31 @@ _SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "
 _STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
 
 
-def check_strategy_supported(strategy: object) -> None:
-    """Refuse strategies that shard parameters: noise drawn per full tensor would be wrong on a shard.
+def check_strategy_supported(strategy: object, sync: str = "seed") -> None:
+    """Refuse the strategies whose parameters the noise cannot be mapped onto.
+
+    Single-device, DDP-family and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and tensor parallelism, whose
+    DTensor parameters get exactly their part of the whole tensor's noise) are supported. FSDP1 (``FSDPStrategy``)
+    flattens parameters into shards that are not DTensors, and DeepSpeed partitions them its own way: both are refused,
+    as is ``sync="broadcast"`` where parameters are sharded (there is no replica to broadcast).
 
     Raises:
         ValueError: naming the strategy and what works instead.
     """
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in _SHARDED_STRATEGIES:
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    for refused in ("FSDPStrategy", "DeepSpeedStrategy"):
+        if refused in names:
             raise ValueError(
-                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters, and noise"
-                " drawn for a whole tensor is wrong on a shard. Use strategy='ddp' (or 'ddp_spawn'), where every rank"
-                " holds full parameters and draws identical noise."
+                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters in a layout"
+                " whose entries cannot be mapped to the whole tensor's noise. For sharded training use"
+                " ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model (FSDP2):"
+                " every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'."
             )
+    if "ModelParallelStrategy" in names and sync == "broadcast":
+        raise ValueError(
+            "HeavyTailNoiseCallback: sync='broadcast' needs every rank to hold whole parameters, and"
+            f" {type(strategy).__name__} shards them; use sync='seed' (each shard draws its part of the same noise)"
+        )
 
 
 def _step_calls_on_stack(optimizer: torch.optim.Optimizer) -> int:
@@ -215,7 +226,7 @@ class HeavyTailNoiseCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy_supported(trainer.strategy)
+        check_strategy_supported(trainer.strategy, self.sync)
         # Fail early on a selection that matches nothing, unless the module builds its layers in configure_model
         # (which Lightning calls after setup) or has lazy layers: then the selection is made (and checked) later.
         if not is_overridden("configure_model", pl_module, pl.LightningModule) and not uninitialized_parameters(
