@@ -28,27 +28,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
-from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
-from lightning_heavytail.stable import (
-    SamplerPath,
-    StreamKey,
-    choose_path,
-    compile_available,
-    derive_key,
-    normal_at,
-    positive_stable_at,
-    stable_at,
+from lightning_heavytail._noise_engine import (
+    NoisePlan,
+    NoiseStats,
+    NoiseTarget,
+    NonFiniteParameterError,
+    name_key,
+    noise_key,
+    standard_noise,
 )
+from lightning_heavytail.sharding import LocalBlock
 
 __all__ = [
     "NOISE_STRUCTURES",
+    "NoisePlan",
     "NoiseStats",
     "NoiseTarget",
     "NonFiniteParameterError",
@@ -56,6 +55,8 @@ __all__ = [
     "add_heavy_tailed_noise_groups",
     "check_noise_scale",
     "draw_noise",
+    "name_key",
+    "noise_key",
     "noise_scale",
 ]
 
@@ -65,32 +66,8 @@ NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 
 # Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
-# parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach ~1e38, so there, as for fp16,
-# the sum is checked before it is written (see _may_overflow).
+# parameter cannot overflow when noise is added (below alpha 0.5, and for fp16, the sum is checked: NoisePlan).
 _MAX_SCALE = 1e15
-_HEAVIEST_SAFE_ALPHA = 0.5
-
-
-class NonFiniteParameterError(FloatingPointError):
-    """A selected parameter holds inf or NaN at a noise step (the message names it and the step)."""
-
-
-@dataclass
-class NoiseStats:
-    """What one call of ``add_heavy_tailed_noise`` did.
-
-    Attributes:
-        noised: names of the parameters that received noise.
-        skipped: names of the parameters left untouched because they were (or would become) non-finite.
-        max_abs_noise: the largest |noise| added, when asked for (``track_max=True``), else ``None``.
-        paths: for each noised parameter, the sampler kernel that drew its noise, ``"eager"`` or ``"compiled"``
-            (see ``lightning_heavytail.stable.COMPILE_MIN_DRAWS``): the two round differently in the last bits.
-    """
-
-    noised: list[str]
-    skipped: list[str]
-    max_abs_noise: float | None = None
-    paths: dict[str, str] = field(default_factory=dict)
 
 
 def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
@@ -121,50 +98,6 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     # In log space: lr**(1/alpha) overflows a Python float (OverflowError) for large lr and small alpha.
     log_scale = math.log(float(sigma)) + math.log(float(lr)) / alpha
     return math.exp(log_scale) if log_scale < 709.0 else math.inf
-
-
-def _draw_count(block: LocalBlock, structure: str) -> int:
-    """Draws per step of the whole parameter (not of the block): the size the sampler kernel is chosen by."""
-    if structure == "neuron" and len(block.global_shape) > 0:
-        return int(block.global_shape[0])
-    return int(block.global_shape.numel())
-
-
-def _unit_shape(block: LocalBlock) -> torch.Size:
-    """The shape of one value per local unit (dim 0), broadcasting over the block."""
-    shape = block.local_shape
-    return shape if len(shape) == 0 else torch.Size([shape[0]] + [1] * (len(shape) - 1))
-
-
-def _standard_noise(block: LocalBlock, alpha: float, structure: str, key: StreamKey, mixing_key: StreamKey,
-                    device: torch.device, compute_dtype: torch.dtype) -> tuple[Tensor, SamplerPath]:
-    """Scale-1 noise of ``block`` (SaS(1) marginals) shaped to broadcast over it, and the kernel that drew it.
-
-    The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
-    tensor would.
-    """
-    path = choose_path(_draw_count(block, structure), device)
-    rows = block.rows()
-    rows = rows.to(device) if isinstance(rows, Tensor) else rows
-    if structure == "neuron":
-        noise = stable_at(alpha, key, rows, device=device, dtype=compute_dtype, path=path)
-        noise = noise.reshape(_unit_shape(block))
-    elif structure == "iid":
-        noise = stable_at(alpha, key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
-        noise = noise.reshape(block.local_shape)
-    else:  # elliptical: sqrt(A) * G per unit, A positive (alpha/2)-stable (1 at alpha = 2), G ~ N(0, 2 I)
-        noise = normal_at(key, block.flat_index(device), device=device, dtype=compute_dtype, path=path)
-        noise = noise.reshape(block.local_shape).mul_(math.sqrt(2.0))
-        if alpha < 2.0:
-            mixing = positive_stable_at(alpha / 2.0, mixing_key, rows, device=device, dtype=compute_dtype, path=path)
-            noise = noise.mul_(mixing.sqrt_().reshape(_unit_shape(block)))
-    # a compile failure during the call falls back to eager: report what ran
-    return noise, path if compile_available(device) else "eager"
-
-
-def _stream_keys(seed: int, step: int, name: str) -> tuple[StreamKey, StreamKey]:
-    """The keys of a parameter's noise at a step: the main stream, and the elliptical mixing variables' stream."""
-    return derive_key(seed, step, name), derive_key(seed, step, name, "elliptical-mixing")
 
 
 def draw_noise(
@@ -207,85 +140,13 @@ def draw_noise(
     check_choice(structure, NOISE_STRUCTURES, "structure")
     check_positive_finite(scale, "scale", allow_zero=True)
     dev = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=generator, dtype=torch.int64,
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (2,), generator=generator, dtype=torch.int64,
                           device=generator.device if generator is not None else dev).tolist()
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    noise, _ = _standard_noise(LocalBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
-                               (words[2], words[3]), dev, compute_dtype)
+    noise, _ = standard_noise(LocalBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
+                              dev, compute_dtype)
     finfo = torch.finfo(dtype)
     return (noise * scale).clamp_(finfo.min, finfo.max).to(dtype)
-
-
-def _is_finite(tensor: Tensor) -> bool:
-    # A sum is one cheap reduction and is finite whenever every entry is; only when it is not (NaN/inf, or an
-    # overflow of the sum itself) is the exact elementwise test worth its cost.
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def _is_narrow(dtype: torch.dtype) -> bool:
-    # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
-    return torch.finfo(dtype).max < 1e38
-
-
-def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
-    """Whether ``param + noise`` can overflow ``dtype`` although both are finite (see _MAX_SCALE)."""
-    return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
-
-
-@dataclass(frozen=True)
-class NoiseTarget:
-    """One tensor to add noise to.
-
-    Attributes:
-        name: the parameter's name; with the seed and the step it keys the noise.
-        tensor: what is written: the parameter itself, or the local part of a sharded one.
-        block: where ``tensor`` sits in the whole parameter (``LocalBlock.whole`` for an unsharded one).
-        sharded: whether other ranks hold other parts of the parameter (then every rank must agree on skipping it).
-    """
-
-    name: str
-    tensor: Tensor
-    block: LocalBlock
-    sharded: bool = False
-
-    @classmethod
-    def of(cls, name: str, tensor: Tensor) -> NoiseTarget:
-        """The target of a parameter: itself, or for a DTensor (FSDP2, tensor parallel) its local part."""
-        local, block = local_part(tensor)
-        return cls(name, local, block, is_sharded(tensor))
-
-
-def _noise_for(target: NoiseTarget, alpha: float, scale: float, structure: NoiseStructure, seed: int,
-               step: int) -> tuple[Tensor, SamplerPath]:
-    """The noise of one target at one step, a pure function of (seed, step, name, global index), and its kernel."""
-    param = target.tensor
-    # float64 parameters get float64 noise; every other dtype gets float32 arithmetic.
-    compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    key, mixing_key = _stream_keys(seed, step, target.name)
-    noise, path = _standard_noise(target.block, alpha, structure, key, mixing_key, param.device, compute_dtype)
-    finfo = torch.finfo(compute_dtype)
-    return noise.mul_(scale).clamp_(finfo.min, finfo.max), path
-
-
-def _nonfinite_problem(target: NoiseTarget, alpha: float, scale: float, structure: NoiseStructure, seed: int,
-                       step: int) -> str | None:
-    """Why adding noise to the target now would train on inf/NaN, or None when it is safe."""
-    name, param = target.name, target.tensor
-    if not _is_finite(param):
-        return (
-            f"parameter {name!r} holds inf or NaN at noise step {step}, before noise was added: the optimizer step"
-            " produced it (check the loss, the learning rate and the gradients)."
-        )
-    if _may_overflow(param.dtype, alpha):
-        # The noise is a pure function of (seed, step, name): draw it here to check, and again to apply, rather
-        # than hold a float32 copy of every fp16 parameter. Out of place: param.float() is param itself for fp32.
-        updated = param.float() + _noise_for(target, alpha, scale, structure, seed, step)[0]
-        if not bool(updated.abs().max() <= torch.finfo(param.dtype).max):
-            return (
-                f"noise would overflow parameter {name!r} ({param.dtype}) at noise step {step}; nothing was changed."
-                " Lower sigma or keep master weights in float32."
-            )
-    return None
 
 
 @torch.no_grad()
@@ -401,106 +262,7 @@ def add_heavy_tailed_noise_groups(
     check_choice(on_nonfinite, NONFINITE_POLICIES, "on_nonfinite")
     check_int(seed, "seed", minimum=-(2**63))
     check_int(step, "step")
-    grouped = [([_as_target(item) for item in items], float(scale)) for items, scale in groups]
-    _check_distinct([target for targets, _ in grouped for target in targets])
-    stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
-    work = [(targets, scale) for targets, scale in grouped if scale > 0.0]
-    seed, step = int(seed), int(step)
-    # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
-    skipped: set[str] = set()
-    if on_nonfinite != "ignore":
-        checked = [(target, _nonfinite_problem(target, alpha, scale, structure, seed, step))
-                   for targets, scale in work for target in targets]
-        for target, problem in _agreed_across_ranks(checked, step):
-            if problem is None:
-                continue
-            if on_nonfinite == "raise":
-                raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
-            skipped.add(target.name)
-            stats.skipped.append(target.name)
-    sharded = any(target.sharded for targets, _ in grouped for target in targets)
-    largest = torch.zeros((), dtype=torch.float64)
-    for targets, scale in work:
-        for target in targets:
-            if target.name in skipped:
-                continue
-            param = target.tensor
-            noise, stats.paths[target.name] = _noise_for(target, alpha, scale, structure, seed, step)
-            if track_max and noise.numel() > 0:
-                largest = torch.maximum(largest, noise.abs().max().double().cpu())
-            if _is_narrow(param.dtype):
-                param.copy_(param.float().add_(noise))  # add in float32, round once
-            else:
-                param.add_(noise.to(param.dtype))
-            stats.noised.append(target.name)
-    if track_max:
-        # the largest over the whole parameters: under sharding each rank saw only its part
-        stats.max_abs_noise = float(_all_ranks_max(largest) if sharded else largest)
-    return stats
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
-    )
-
-
-def _all_ranks_max(values: Tensor) -> Tensor:
-    """The elementwise max of ``values`` over all ranks (a no-op outside a process group)."""
-    if not _distributed():
-        return values
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    reduced = values.to(device)
-    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
-    return reduced.to(values.device)
-
-
-def _agreed_across_ranks(checked: list[tuple[NoiseTarget, str | None]],
-                         step: int) -> list[tuple[NoiseTarget, str | None]]:
-    """Make every rank reach the same verdict on every sharded target, whichever rank's part holds the problem.
-
-    Without this, the rank whose shard holds a NaN would raise (or skip) while the others went on: a hang in the next
-    collective, or a parameter noised on some ranks only. One all-reduce of one flag per target, only when a target
-    is sharded.
-    """
-    if not any(target.sharded for target, _ in checked) or not _distributed():
-        return checked
-    flags = _all_ranks_max(torch.tensor([problem is not None for _, problem in checked], dtype=torch.int32))
-    return [
-        (target, problem if problem is not None or not bool(flag) else (
-            f"parameter {target.name!r} holds inf or NaN, or would overflow, in another rank's part at noise step"
-            f" {step}; nothing was changed on any rank."
-        ))
-        for (target, problem), flag in zip(checked, flags.tolist(), strict=True)
-    ]
-
-
-def _as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:
-    target = item if isinstance(item, NoiseTarget) else NoiseTarget.of(*item)
-    if not isinstance(target.name, str):
-        raise TypeError(f"parameter names must be strings, got {type(target.name).__name__}: {target.name!r}")
-    tensor = target.tensor
-    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-        what = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise TypeError(f"parameter {target.name!r} must be a real floating point tensor to get noise, got {what}")
-    return target
-
-
-def _check_distinct(targets: Sequence[NoiseTarget]) -> None:
-    """Refuse a name given twice (both tensors would get identical noise) or a tensor given twice (noised twice)."""
-    names: dict[str, int] = {}
-    tensors: dict[int, str] = {}
-    for target in targets:
-        if target.name in names:
-            raise ValueError(
-                f"parameter name {target.name!r} is given twice: the noise is a function of (seed, step, name), so"
-                " both tensors would get identical noise. Give every tensor its own name (e.g. prefix each model's"
-                " named_parameters() with the model's name)."
-            )
-        names[target.name] = 1
-        owner = tensors.setdefault(id(target.tensor), target.name)
-        if owner != target.name:
-            raise ValueError(
-                f"the same tensor is given as {owner!r} and as {target.name!r}; it would get noise twice per step"
-            )
+    scales = [float(scale) for items, scale in groups for _ in items]
+    plan = NoisePlan([item for items, _ in groups for item in items], structure)
+    return plan.apply(scales, float(alpha), seed=int(seed), step=int(step), on_nonfinite=on_nonfinite,
+                      track_max=track_max)

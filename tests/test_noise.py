@@ -12,6 +12,8 @@ from lightning_heavytail.noise import (
     add_heavy_tailed_noise,
     add_heavy_tailed_noise_groups,
     draw_noise,
+    name_key,
+    noise_key,
     noise_scale,
 )
 from lightning_heavytail.sharding import LocalBlock
@@ -47,8 +49,10 @@ def test_noise_is_a_pure_function_of_seed_step_and_name():
     assert not torch.equal(a["x"], a["y"])
     assert not torch.equal(a["x"], noised(["x"], seed=1, step=6)["x"])
     assert not torch.equal(a["x"], noised(["x"], seed=2, step=5)["x"])
-    # and it is exactly scale * the stream derive_key(seed, step, name) read at each entry's flat index
-    assert torch.equal(a["x"], stable_at(1.8, derive_key(1, 5, "x"), range(24)).reshape(6, 4))
+    # and it is exactly scale * the stream noise_key(seed, step, name) read at each entry's flat index
+    assert torch.equal(a["x"], stable_at(1.8, noise_key(1, 5, "x"), range(24)).reshape(6, 4))
+    step_key, words = derive_key(1, 5), name_key("x")
+    assert noise_key(1, 5, "x") == (step_key[0] ^ words[0], step_key[1] ^ words[1])
 
 
 @pytest.mark.parametrize("structure", ["iid", "elliptical"])
@@ -204,3 +208,37 @@ def test_noise_accepts_numpy_integers_for_seed_and_step():
     add_heavy_tailed_noise([("w", p)], 1.8, 0.1, seed=np.int64(3), step=np.int32(2))
     add_heavy_tailed_noise([("w", q)], np.float32(1.8), 0.1, seed=3, step=2)
     assert torch.equal(p, q) and bool((p != 0).all())
+
+
+@pytest.mark.parametrize("structure", ["iid", "neuron", "elliptical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_batched_noise_is_bitwise_the_noise_each_parameter_gets_alone(structure, dtype):
+    # Many small parameters share one sampler call and one _foreach_add_ per shape; that must not change a bit.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4, 3), (7,), (2, 3, 2), (4, 3), (1, 5), ()]
+    params = [torch.randn(shape, generator=g).to(dtype) for shape in shapes]
+    names = [f"p{i}" for i in range(len(shapes))]
+    together = [p.clone() for p in params]
+    groups = [([(n, p) for n, p in zip(names[:4], together[:4], strict=True)], 0.1),
+              ([(n, p) for n, p in zip(names[4:], together[4:], strict=True)], 0.03)]
+    stats = add_heavy_tailed_noise_groups(groups, 1.6, structure=structure, seed=8, step=2, track_max=True)
+    largest = 0.0
+    for i, (name, param) in enumerate(zip(names, params, strict=True)):
+        alone = param.clone()
+        scale = 0.1 if i < 4 else 0.03
+        single = add_heavy_tailed_noise([(name, alone)], 1.6, scale, structure=structure, seed=8, step=2,
+                                        track_max=True)
+        assert torch.equal(alone, together[i]), (name, shapes[i])
+        largest = max(largest, single.max_abs_noise)
+    assert stats.max_abs_noise == largest and set(stats.paths.values()) == {"eager"}
+
+
+def test_fp16_noise_is_added_in_float32_and_rounded_once():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(8, 8, generator=g).half() for _ in range(3)]
+    before = [p.clone() for p in params]
+    add_heavy_tailed_noise([(f"h{i}", p) for i, p in enumerate(params)], 1.7, 0.01, structure="iid", seed=3, step=1)
+    for i, (p, b) in enumerate(zip(params, before, strict=True)):
+        noise = torch.zeros(8, 8)
+        add_heavy_tailed_noise([(f"h{i}", noise)], 1.7, 0.01, structure="iid", seed=3, step=1)
+        assert torch.equal(p, (b.float() + noise).half())

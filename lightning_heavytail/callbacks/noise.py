@@ -21,9 +21,9 @@ from lightning_heavytail._checks import check_alpha, check_choice, check_int, ch
 from lightning_heavytail.noise import (
     NOISE_STRUCTURES,
     NONFINITE_POLICIES,
+    NoisePlan,
     NoiseStructure,
     NonFinitePolicy,
-    add_heavy_tailed_noise_groups,
     check_noise_scale,
     noise_scale,
 )
@@ -189,6 +189,7 @@ class HeavyTailNoiseCallback(Callback):
         self._noised: tuple[str, ...] | None = None  # what the last step noised, to log changes
         self._noised_any = False
         self._fit_start_step = 0
+        self._plans: dict[tuple[int, ...], NoisePlan] = {}  # by the ids of the noised parameters
         self._paths: dict[str, str] = {}  # parameter -> the sampler kernel its noise came from
         self._recorded_paths: dict[str, str] = {}  # the same, from the checkpoint resumed from
         self._handles: list[RemovableHandle] = []
@@ -243,6 +244,7 @@ class HeavyTailNoiseCallback(Callback):
         self._remove_hooks()  # a second fit() must not leave doubled hooks
         self._trainer, self._module = trainer, pl_module
         self._candidates, self._noised, self._noised_any = None, None, False
+        self._plans = {}
         self._fit_start_step = self._noise_step  # after a resume: the checkpoint's count
         for optimizer in trainer.optimizers:  # a scale that overflows is a configuration error: say so before step 0
             for group in optimizer.param_groups:
@@ -391,6 +393,7 @@ class HeavyTailNoiseCallback(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._plans = {}  # they hold the parameters: let them go with the fit
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # torch runs the step hooks around every patched `step` in the class hierarchy: a subclass whose step calls
@@ -427,6 +430,16 @@ class HeavyTailNoiseCallback(Callback):
             if targets:
                 groups.append((targets, self._group_scale(group)))
         return groups
+
+    def _plan(self, groups: list[tuple[list[tuple[str, Tensor]], float]]) -> NoisePlan:
+        """The noise plan of these parameters: made when the noised set (or a tensor's layout) changes, else reused."""
+        key = tuple(id(p) for targets, _ in groups for _, p in targets)
+        plan = self._plans.get(key)
+        if plan is None or not plan.is_current():
+            if len(self._plans) >= 4:  # one per optimizer in practice; frozen/unfrozen sets come and go
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = NoisePlan([item for targets, _ in groups for item in targets], self.structure)
+        return plan
 
     def _note_noised(self, noised: tuple[str, ...]) -> None:
         """Say when the noised set changes (a layer unfrozen, frozen, or added to the optimizer)."""
@@ -474,8 +487,9 @@ class HeavyTailNoiseCallback(Callback):
         self._note_noised(tuple(name for targets, _ in groups for name, _ in targets))
         self._noised_any = self._noised_any or bool(groups)
         # All groups are checked before any is written: a failure leaves every parameter as the optimizer left it.
-        stats = add_heavy_tailed_noise_groups(groups, self.alpha, structure=self.structure, seed=seed, step=step,
-                                              on_nonfinite=self.on_nonfinite, track_max=log_now)
+        plan = self._plan(groups)
+        stats = plan.apply([scale for targets, scale in groups for _ in targets], self.alpha, seed=seed, step=step,
+                           on_nonfinite=self.on_nonfinite, track_max=log_now)
         self._note_paths(stats.paths)
         if self.sync == "broadcast":
             # Every target in a fixed order, skipped or not, so all ranks make the same broadcast calls.
