@@ -15,9 +15,10 @@ parametrization: ``alpha = 2`` is ``N(0, 2)``). The noise structures follow the 
   of a unit are dependent. (The authors use ``G ~ N(0, I)``, i.e. marginal scale ``2**-0.5``; here every structure
   has scale-1 marginals, so ``sigma`` means the same thing for all three.)
 
-Reproducibility is counter-based: the noise of a parameter at a step is a pure function of ``(seed, step, name)``
-(``derive_seed``), so it does not depend on what ran before, on the process, or on
-the DDP rank, and a resumed run draws exactly what an uninterrupted run draws.
+Reproducibility is counter-based: the noise of a parameter at a step is the stream ``noise_key(seed, step, name)``
+read at the global index of each entry (or unit), so it does not depend on what ran before, on the process, on the
+DDP rank or on sharding, and a resumed run draws exactly what an uninterrupted run draws. ``NoisePlan`` draws the
+noise of many parameters in a few batched operations, bitwise as each would get it alone.
 
 References:
     Y. Wan, M. Barsbey, A. Zaidi, U. Şimşekli, "Implicit Compressibility of Overparametrized Neural Networks
@@ -115,7 +116,7 @@ def draw_noise(
     Arithmetic runs in float32 (float64 for a float64 output) and is cast at the end. For ``"neuron"`` the result has
     shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``. The stream keys
     come from ``generator`` (torch's default generator when None); the noise callback instead keys each parameter's
-    noise by ``derive_key(seed, step, name)``.
+    noise by ``noise_key(seed, step, name)``.
 
     Args:
         shape: the parameter's shape; dimension 0 indexes output units.
@@ -163,7 +164,7 @@ def add_heavy_tailed_noise(
 ) -> NoiseStats:
     """Add ``scale * X`` in place to each parameter, X SaS(1) with the given structure, reproducibly.
 
-    The noise of parameter ``name`` is the counter-based stream ``derive_key(seed, step, name)`` read at the global
+    The noise of parameter ``name`` is the counter-based stream ``noise_key(seed, step, name)`` read at the global
     index of each entry (``"iid"``) or unit (``"neuron"``), on the parameter's own device, so it depends only on
     ``(seed, step, name)``: every DDP rank draws the same noise, a resumed run the same as an uninterrupted one, and
     a shard (see ``NoiseTarget``) exactly its slice. Names must therefore be distinct.

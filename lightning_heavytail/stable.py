@@ -179,7 +179,7 @@ def derive_key(seed: int, *keys: int | str) -> StreamKey:
     Each key (an int, or a string hashed with a fixed function, never Python's salted ``hash``) is mixed into both
     chains, so the key is the same in every process, on every rank and after a restart, and two different inputs share
     a key with probability about ``2**-128``. The noise of a parameter at a step uses
-    ``derive_key(seed, step, name)``.
+    ``derive_key(seed, step)`` combined with a hash of the name (``noise.noise_key``).
 
     Args:
         seed: the base seed.
