@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_int
-from lightning_heavytail.pruning import _sort_ascending, validate_sparsities
+from lightning_heavytail.pruning import _sort_ascending, prunable_units, validate_epsilon, validate_sparsities
 from lightning_heavytail.selection import ParamSelector, select_parameters
 
 __all__ = [
@@ -76,12 +76,6 @@ def _check_weight(weight: Any, argument: str = "weight") -> Tensor:
             f"`{argument}` must have at least one dimension and one entry, got shape {tuple(weight.shape)}"
         )
     return weight.detach()
-
-
-def _check_epsilon(epsilon: Any) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= float(epsilon) <= 1.0:
-        raise ValueError(f"`epsilon` must be a number in [0, 1] (a share of the squared norm), got {epsilon!r}")
-    return float(epsilon)
 
 
 def _check_sparsity(sparsity: Any) -> float:
@@ -135,14 +129,6 @@ def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
     return _best_k_errors(_sort_ascending(weight.abs().flatten()), [level])[0]
 
 
-def _prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
-    """(units that can be zeroed within the budget, units) for units along dim 0."""
-    sq_norms = weight.reshape(weight.shape[0], -1).to(torch.float64).square().sum(dim=1)
-    budget = epsilon * sq_norms.sum().item()
-    cumulative = _sort_ascending(sq_norms).cumsum(dim=0)
-    return int((cumulative <= budget).sum().item()), int(sq_norms.numel())
-
-
 def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
     r"""Share of output units (dim 0) that can be zeroed at a relative squared Frobenius error of at most ``epsilon``.
 
@@ -166,10 +152,10 @@ def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
         0.5
     """
     weight = _check_weight(weight)
-    eps = _check_epsilon(epsilon)
+    eps = validate_epsilon(epsilon)
     if not _is_finite(weight):
         return math.nan
-    prunable, units = _prunable_units(weight, eps)
+    prunable, units = prunable_units(weight, eps)
     return prunable / units
 
 
@@ -330,7 +316,7 @@ def compressibility_report(
     """
     levels = validate_sparsities(sparsities)
     keys = _report_keys(levels)
-    eps = _check_epsilon(epsilon)
+    eps = validate_epsilon(epsilon)
     selected = select_parameters(model, params, exclude=exclude)
     report: dict[str, float] = {}
     prunable_total = units_total = 0
@@ -340,7 +326,7 @@ def compressibility_report(
         for name, param in selected:
             weight = param.detach()
             if finite:
-                prunable, units = _prunable_units(weight, eps)
+                prunable, units = prunable_units(weight, eps)
                 report[f"fraction_prunable/{name}"] = prunable / units
                 prunable_total, units_total = prunable_total + prunable, units_total + units
                 errors = _best_k_errors(_sort_ascending(weight.abs().flatten()), levels)
