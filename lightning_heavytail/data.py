@@ -374,6 +374,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         return DataLoader(self.data.train, batch_size=self.batch_size, shuffle=True, generator=generator,
                           num_workers=self.num_workers)
 
+    def train_eval_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """The training set in order, in batches of ``eval_batch_size``.
+
+        Pass it as ``val_dataloaders`` to score the full training set (the paper's stopping rule, see ``Classifier``).
+        """
+        return DataLoader(self.data.train, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
     def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         """The test set, in order."""
         return DataLoader(self.data.test, batch_size=self.eval_batch_size, num_workers=self.num_workers)

@@ -187,9 +187,23 @@ class VGG11Wide(nn.Module):
 class Classifier(pl.LightningModule):
     """A classification LightningModule trained with cross-entropy and plain SGD.
 
-    Logs ``train/loss`` every step, ``train/accuracy`` per epoch, and ``val/accuracy`` / ``test/accuracy`` when
-    validation or test data are given. Nothing here knows about heavy-tailed noise or pruning: the callbacks of
-    this package add those from the Trainer.
+    Logs ``train/loss`` every step, ``train/accuracy`` per epoch (the running accuracy over the epoch's batches, each
+    scored before its step), and ``{val_name}/accuracy`` / ``test/accuracy`` when validation or test data are given.
+    Nothing here knows about heavy-tailed noise or pruning: the callbacks of this package add those from the Trainer.
+
+    **The paper's stopping rule** ("train until the accuracy on the full training set reaches 95%, checked every k
+    steps") needs no new mechanism: pass the training set, in order, as the validation data, name what is logged with
+    ``val_name="train_full"``, and let Lightning's ``EarlyStopping`` stop at the threshold::
+
+        model = Classifier(net, num_classes=10, lr=0.5, val_name="train_full")
+        stop = EarlyStopping(monitor="train_full/accuracy", mode="max", stopping_threshold=0.95,
+                             patience=10**9, check_on_train_epoch_end=False)
+        trainer = pl.Trainer(max_epochs=1000, check_val_every_n_epoch=k, callbacks=[stop])  # or val_check_interval
+        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=train_loader_in_order)
+
+    The check runs after the epoch's last step (noise included), and training ends right after it, so the final model
+    is the one that was checked. ``EarlyStopping`` compares strictly (``>`` 0.95), and ``patience`` must be large,
+    since it would otherwise also stop after that many checks without improvement.
 
     Args:
         net: the network, mapping a batch of inputs to class scores ``(N, num_classes)``.
@@ -197,6 +211,8 @@ class Classifier(pl.LightningModule):
         lr: learning rate of SGD.
         momentum: SGD momentum (0 in the paper).
         weight_decay: SGD weight decay (0 in the paper).
+        val_name: prefix of what the validation loop logs (``"{val_name}/accuracy"``); e.g. ``"train_full"`` when the
+            validation data are the training set.
 
     Examples:
         >>> model = Classifier(BiasFreeMLP(64, 10, width=16), num_classes=10, lr=0.1)
@@ -206,7 +222,7 @@ class Classifier(pl.LightningModule):
     """
 
     def __init__(self, net: nn.Module, num_classes: int = 10, lr: float = 0.1, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, val_name: str = "val") -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"`net` must be a torch.nn.Module, got {type(net).__name__}: {net!r}")
@@ -214,7 +230,10 @@ class Classifier(pl.LightningModule):
         check_positive_finite(lr, "lr")
         check_positive_finite(momentum, "momentum", allow_zero=True)
         check_positive_finite(weight_decay, "weight_decay", allow_zero=True)
+        if not isinstance(val_name, str) or not val_name or "/" in val_name:
+            raise ValueError(f"`val_name` must be a non-empty string without '/', got {val_name!r}")
         self.save_hyperparameters(ignore=["net"])
+        self.val_name = val_name
         self.net = net
         self.lr = float(lr)
         self.momentum = float(momentum)
@@ -239,10 +258,10 @@ class Classifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accuracy on validation data."""
+        """Accuracy on validation data, logged as ``{val_name}/accuracy``."""
         x, y = batch
         self.val_accuracy(self(x), y)
-        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{self.val_name}/accuracy", self.val_accuracy, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accuracy on test data."""

@@ -159,3 +159,36 @@ def test_noise_added_per_step_on_the_mean_field_model_has_scale_sigma_eta_pow_on
     wrong = sigma * (n * eta) ** (1 / alpha)  # what scaling the param group's lr by n would have given
     assert stats.kstest(draws, stats.levy_stable(alpha, 0.0, scale=wrong).cdf).pvalue < 1e-6
     assert np.median(np.abs(draws)) < 2 * expected
+
+
+def test_the_papers_stopping_rule_is_lightnings_early_stopping_on_the_full_training_set(tmp_path):
+    from lightning.pytorch.callbacks import Callback, EarlyStopping
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (120,))
+    x = torch.randn(3, 8)[y] * 0.6 + torch.randn(120, 8)  # overlapping classes: several checks before 81% (no k/120)
+    train = DataLoader(TensorDataset(x, y), batch_size=40, shuffle=True, generator=torch.Generator().manual_seed(0))
+    in_order = DataLoader(TensorDataset(x, y), batch_size=60)
+    model = Classifier(BiasFreeMLP(8, 3, width=64), num_classes=3, lr=0.2, val_name="train_full")
+
+    class Record(Callback):
+        def __init__(self):
+            self.checks: list[float] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.checks.append(float(trainer.callback_metrics["train_full/accuracy"]))
+
+    record = Record()
+    stop = EarlyStopping(monitor="train_full/accuracy", mode="max", stopping_threshold=0.81, patience=10**9,
+                         check_on_train_epoch_end=False)
+    trainer = pl.Trainer(max_epochs=200, check_val_every_n_epoch=2, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[record, stop], default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=in_order)
+    assert len(record.checks) >= 3 and all(a <= 0.81 for a in record.checks[:-1]) and record.checks[-1] > 0.81
+    assert trainer.current_epoch == 2 * len(record.checks)  # stopped right after the check that passed
+    with torch.no_grad():  # the final model is the one that was checked, on the whole training set
+        by_hand = float((model(x).argmax(dim=1) == y).float().mean())
+    assert by_hand == pytest.approx(record.checks[-1])
+    with pytest.raises(ValueError, match="`val_name`"):
+        Classifier(BiasFreeMLP(8, 3, width=4), num_classes=3, val_name="a/b")
