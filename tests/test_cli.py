@@ -85,8 +85,7 @@ def test_vanilla_at_the_heavytail_ratio_is_the_vanilla_model_pruned_to_that_rati
     # the demo's number, recomputed: vanilla retrained (deterministic) and pruned to heavytail's per-layer ratios
     import torch
 
-    from lightning_heavytail.cli import DemoConfig, _train
-    from lightning_heavytail.data import ClassificationDataModule
+    from lightning_heavytail.cli import DemoConfig, demo_datamodule, train_run
     from lightning_heavytail.pruning import evaluate_pruning_curve
 
     _, out, _ = tiny_run
@@ -94,9 +93,8 @@ def test_vanilla_at_the_heavytail_ratio_is_the_vanilla_model_pruned_to_that_rati
     run_ht, run_v = results["heavytail"]["runs"][0], results["vanilla"]["runs"][0]
     config = DemoConfig(width=32, epochs=2, batch_size=64, seeds=1, max_train_samples=256, max_test_samples=120,
                         out=str(out / "again"))
-    dm = ClassificationDataModule("digits", batch_size=64, eval_batch_size=100, max_train_samples=256,
-                                  max_test_samples=120)
-    net, record = _train("vanilla", 0, config, dm, 0)
+    dm = demo_datamodule(config)
+    net, record = train_run("vanilla", 0, config, dm)
     assert record["accuracy"] == run_v["accuracy"]
     ratio = run_ht["epsilon_point"]["ratios"]["hidden1.weight"]
     curve = evaluate_pruning_curve(net, dm.test_dataloader(), [ratio], method="neuron", params="paper")
