@@ -29,21 +29,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
-from lightning_heavytail._noise_engine import (
-    NoisePlan,
-    NoiseStats,
-    NoiseTarget,
-    NonFiniteParameterError,
-    name_key,
-    noise_key,
-    standard_noise,
-)
+from lightning_heavytail._noise_draws import NoiseTarget, name_key, noise_key, standard_noise
+from lightning_heavytail._noise_plan import NoisePlan, NoiseStats, NonFiniteParameterError
 from lightning_heavytail.sharding import LocalBlock
 
 __all__ = [
@@ -61,10 +54,10 @@ __all__ = [
     "noise_scale",
 ]
 
-NOISE_STRUCTURES = ("iid", "neuron", "elliptical")
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
 NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
+NOISE_STRUCTURES: tuple[str, ...] = get_args(NoiseStructure)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 
 # Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
 # parameter cannot overflow when noise is added (below alpha 0.5, and for fp16, the sum is checked: NoisePlan).

@@ -38,16 +38,13 @@ References:
 from __future__ import annotations
 
 import functools
-import math
-import os
-import threading
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_heavytail._checks import check_alpha, check_positive_finite, is_integer, is_real
+from lightning_heavytail._counters import COMPILE_MIN_DRAWS, SamplerPath, as_int64, choose_path, run
 
 __all__ = [
     "COMPILE_MIN_DRAWS",
@@ -64,51 +61,10 @@ __all__ = [
 StreamKey = tuple[int, int]
 """A 128-bit stream key: two 64-bit words, each as a signed int64 (see ``derive_key``)."""
 
-SamplerPath = Literal["eager", "compiled"]
-
-# Largest float32 strictly below pi/2: its cosine is positive (~1.2e-7); float32(pi/2) itself is above pi/2.
-_V_MAX = math.nextafter(math.pi / 2, 0.0)
-_V_MAX_F32 = float(torch.tensor(math.pi / 2, dtype=torch.float32).nextafter(torch.tensor(0.0)).item())
-# Largest float below pi: sin of it is positive (float32(pi) is above pi, and its sine negative).
-_PI_BELOW = {
-    torch.float32: float(torch.tensor(math.pi, dtype=torch.float32).nextafter(torch.tensor(0.0)).item()),
-    torch.float64: math.nextafter(math.pi, 0.0),
-}
-# exp() argument bound: the prefactor sin/cos is at most ~1/cos(V_MAX), so the product stays finite.
-_EXP_ARG_MAX = {torch.float32: 72.0, torch.float64: 690.0}
-
-COMPILE_MIN_DRAWS = 1 << 20
-"""Requests of at least this many draws go through a torch.compile-fused kernel where one is available.
-
-The compiled and the eager kernel compute the same formula but round differently in the last bits (about half of the
-float32 draws differ, by about 1e-7 relative), so which one ran is part of what a draw is: callers that must be
-reproducible decide from a size that does not depend on sharding (the noise uses the whole parameter's count) and
-record the path. ``LIGHTNING_HEAVYTAIL_COMPILE=0`` turns compiling off.
-"""
-_COMPILE_ENV = "LIGHTNING_HEAVYTAIL_COMPILE"
-# Chunk of the eager path: its temporaries (a few MB) stay in cache, with few passes per draw.
-_EAGER_CHUNK = 1 << 18
-
 _ShapeLike = int | Sequence[int] | torch.Size
 _MASK64 = (1 << 64) - 1
-
-
-def _as_int64(value: int) -> int:
-    """The signed int64 with the same 64 bits as the unsigned ``value``."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# SplitMix64 (Steele, Lea, Flood 2014; the generator Java's SplittableRandom uses and xoshiro's authors recommend for
-# seeding): output i of the stream with state ``key`` is mix(key + i * GOLDEN), computed with int64 arithmetic that
-# wraps modulo 2**64.
-_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
-_MIX1 = _as_int64(0xBF58476D1CE4E5B9)
-_MIX2 = _as_int64(0x94D049BB133111EB)
 # The two lanes of a 128-bit key start from different constants (hex digits of pi).
 _LANES = (0x243F6A8885A308D3, 0x13198A2E03707344)
-# Tells the second word of a float64 draw from the first (more hex digits of pi). A second counter (2i + 1) would do,
-# but inductor folds 2 * GOLDEN into a constant that overflows int64.
-_SECOND_WORD = _as_int64(0xA4093822299F31D0)
 
 
 def _splitmix64(x: int) -> int:
@@ -150,7 +106,7 @@ def derive_seed(seed: int, *keys: int | str) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _string_word(text: str, lane: int) -> int:
+def string_word(text: str, lane: int) -> int:
     """A 64-bit hash of ``text`` in one lane (fixed function, cached: names repeat at every step)."""
     state = _splitmix64(lane)
     for byte in text.encode():
@@ -160,7 +116,7 @@ def _string_word(text: str, lane: int) -> int:
 
 def _key_word(key: int | str, lane: int) -> int:
     if isinstance(key, str):
-        return _string_word(key, lane)
+        return string_word(key, lane)
     if not is_integer(key):
         raise TypeError(f"`keys` must be ints or strings, got {type(key).__name__}: {key!r}")
     return int(key) & _MASK64
@@ -196,151 +152,7 @@ def derive_key(seed: int, *keys: int | str) -> StreamKey:
         >>> all(-(2**63) <= word < 2**63 for word in derive_key(3, "w"))
         True
     """
-    return _as_int64(_key_state(seed, keys, _LANES[0])), _as_int64(_key_state(seed, keys, _LANES[1]))
-
-
-def _srl(x: Tensor, shift: int) -> Tensor:
-    """Logical (unsigned) right shift of int64 bits; torch's ``>>`` on int64 is arithmetic."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def _mix64(z: Tensor) -> Tensor:
-    """SplitMix64's finalizer on int64 tensors (wrapping arithmetic)."""
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    return z ^ _srl(z, 31)
-
-
-def mix_key_words(state: Tensor, word: Tensor) -> Tensor:
-    """``_splitmix64(state ^ word)`` on int64 tensors: one step of ``derive_key``'s chains, vectorized."""
-    return _mix64((state ^ word) + _GOLDEN)
-
-
-def _counter_bits(k1: Tensor, k2: Tensor, counter: Tensor, words: int = 1) -> list[Tensor]:
-    """``words`` words of 64 random bits per counter.
-
-    SplitMix64 output ``counter + 1`` of state ``k1``, finalized again after an xor with ``k2`` (the second word:
-    with ``k2 ^ _SECOND_WORD``).
-    """
-    inner = _mix64((counter + 1) * _GOLDEN + k1)
-    return [_mix64(inner ^ k2), _mix64(inner ^ (k2 ^ _SECOND_WORD))][:words]
-
-
-def _float32_uniforms(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Two float32 uniforms ``(k + 0.5) * 2**-23`` from bits 41-63 and 0-22 of each word: strictly inside (0, 1)."""
-    return (_srl(z, 41).to(torch.float32) + 0.5) * 2.0**-23, ((z & 0x7FFFFF).to(torch.float32) + 0.5) * 2.0**-23
-
-
-def _float64_uniform(z: Tensor) -> Tensor:
-    """A float64 uniform ``(k + 0.5) * 2**-52`` from the top 52 bits of each word: strictly inside (0, 1)."""
-    return (_srl(z, 12).to(torch.float64) + 0.5) * 2.0**-52
-
-
-def _uniform_pair(k1: Tensor, k2: Tensor, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Two independent uniforms in (0, 1) per index: one word per draw in float32, two in float64."""
-    if dtype == torch.float32:
-        return _float32_uniforms(_counter_bits(k1, k2, index)[0])
-    first, second = _counter_bits(k1, k2, index, words=2)
-    return _float64_uniform(first), _float64_uniform(second)
-
-
-def _cms_transform(u_v: Tensor, u_w: Tensor, alpha: Tensor | float) -> Tensor:
-    """Map two uniforms in (0, 1) per draw to standard SaS(1) draws: ``u_v`` gives V, ``u_w`` gives W.
-
-    Written as ``sin(aV)/cos V * (cos((1-a)V) / (W cos V))**((1-a)/a)``, algebraically equal to the CMS formula but
-    with one power (one exp, one log) instead of two.
-    """
-    v_max = _V_MAX_F32 if u_v.dtype == torch.float32 else _V_MAX
-    v = ((u_v - 0.5) * math.pi).clamp(-v_max, v_max)
-    w = -torch.log(u_w)
-    cos_v = torch.cos(v)
-    power = (1.0 - alpha) / alpha * torch.log(torch.cos((1.0 - alpha) * v) / (w * cos_v))
-    return torch.sin(alpha * v) / cos_v * torch.exp(power.clamp(max=_EXP_ARG_MAX[u_v.dtype]))
-
-
-def _kanter_transform(u: Tensor, u_w: Tensor, alpha: Tensor | float) -> Tensor:
-    """Positive alpha-stable draws (Laplace transform ``exp(-s**alpha)``) from two uniforms in (0, 1) per draw."""
-    pu = (u * math.pi).clamp(max=_PI_BELOW[u.dtype])  # both sines positive
-    log_a = torch.log(torch.sin(alpha * pu)) - torch.log(torch.sin(pu)) / alpha + (1.0 - alpha) / alpha * (
-        torch.log(torch.sin((1.0 - alpha) * pu)) - torch.log(-torch.log(u_w))
-    )
-    return torch.exp(log_a.clamp(max=_EXP_ARG_MAX[u.dtype]))
-
-
-def _box_muller(u_r: Tensor, u_angle: Tensor, alpha: Tensor | float) -> Tensor:
-    """Standard normal draws (the cosine half of Box-Muller); ``alpha`` is unused."""
-    return torch.sqrt(-2.0 * torch.log(u_r)) * torch.cos((2.0 * math.pi) * u_angle)
-
-
-_TRANSFORMS: dict[str, Callable[[Tensor, Tensor, Tensor | float], Tensor]] = {
-    "stable": _cms_transform,
-    "positive_stable": _kanter_transform,
-    "normal": _box_muller,
-}
-
-
-def _draws(kind: str, k1: Tensor, k2: Tensor, index: Tensor, alpha: Tensor | float, dtype: torch.dtype) -> Tensor:
-    """Draws of ``kind`` at counter ``index`` of the streams ``(k1, k2)`` (int64 tensors broadcasting with index)."""
-    u_a, u_b = _uniform_pair(k1, k2, index, dtype)
-    return _TRANSFORMS[kind](u_a, u_b, alpha)
-
-
-def _ranged_draws(kind: str, k1: Tensor, k2: Tensor, start: int, count: int, alpha: Tensor | float,
-                  dtype: torch.dtype) -> Tensor:
-    index = torch.arange(start, start + count, dtype=torch.int64, device=k1.device)
-    return _draws(kind, k1, k2, index, alpha, dtype)
-
-
-_compiled_lock = threading.Lock()
-_compiled_fns: dict[str, Callable[..., Tensor]] = {}
-_compile_failed: set[str] = set()
-
-
-def compile_available(device: torch.device | str) -> bool:
-    """Whether draws on ``device`` may go through the torch.compile'd kernel (see ``COMPILE_MIN_DRAWS``).
-
-    False where ``LIGHTNING_HEAVYTAIL_COMPILE=0``, on devices other than CPU and CUDA, or after compiling failed once
-    on that device type in this process.
-    """
-    device_type = torch.device(device).type
-    setting = os.environ.get(_COMPILE_ENV, "auto").lower()
-    return setting not in ("0", "false", "off", "no") and device_type in ("cpu", "cuda") and (
-        device_type not in _compile_failed
-    )
-
-
-def _compiled(name: str) -> Callable[..., Tensor]:
-    with _compiled_lock:
-        if name not in _compiled_fns:
-            fn = _ranged_draws if name == "ranged" else _draws
-            _compiled_fns[name] = torch.compile(fn, dynamic=True)
-    return _compiled_fns[name]
-
-
-def choose_path(global_count: int, device: torch.device | str) -> SamplerPath:
-    """The kernel that computes a request whose whole (unsharded) size is ``global_count`` draws on ``device``."""
-    return "compiled" if global_count >= COMPILE_MIN_DRAWS and compile_available(device) else "eager"
-
-
-def _run(kind: str, key: tuple[Tensor, Tensor], index: Tensor | range, alpha: float, dtype: torch.dtype,
-         path: SamplerPath) -> tuple[Tensor, SamplerPath]:
-    """Draws of ``kind`` at ``index`` with the chosen kernel; falls back to eager (and says so) if compiling fails."""
-    k1, k2 = key
-    alpha_t = torch.tensor(alpha, dtype=dtype, device=k1.device)  # a tensor: one graph serves every alpha
-    if path == "compiled":
-        try:
-            if isinstance(index, range):
-                return _compiled("ranged")(kind, k1, k2, index.start, len(index), alpha_t, dtype), "compiled"
-            return _compiled("indexed")(kind, k1, k2, index, alpha_t, dtype), "compiled"
-        except Exception:  # pragma: no cover - depends on the platform's compiler
-            _compile_failed.add(k1.device.type)
-    if isinstance(index, Tensor):
-        return _draws(kind, k1, k2, index, alpha_t, dtype), "eager"
-    out = torch.empty(len(index), dtype=dtype, device=k1.device)
-    for offset in range(0, len(index), _EAGER_CHUNK):
-        count = min(_EAGER_CHUNK, len(index) - offset)
-        out[offset:offset + count] = _ranged_draws(kind, k1, k2, index.start + offset, count, alpha_t, dtype)
-    return out, "eager"
+    return as_int64(_key_state(seed, keys, _LANES[0])), as_int64(_key_state(seed, keys, _LANES[1]))
 
 
 def _key_tensors(key: StreamKey | tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -372,7 +184,7 @@ def _at(kind: str, alpha: float, key: StreamKey | tuple[Tensor, Tensor], index: 
     else:
         raise TypeError(f"`index` must be an int64 tensor or a range, got {type(index).__name__}")
     chosen = path if path is not None else choose_path(index.numel() if isinstance(index, Tensor) else len(index), dev)
-    draws, _ = _run(kind, _key_tensors(key, dev), index, float(alpha), compute_dtype, chosen)
+    draws, _ = run(kind, _key_tensors(key, dev), index, float(alpha), compute_dtype, chosen)
     return _cast(draws, dtype)
 
 
@@ -514,7 +326,7 @@ def sample_stable(
     check_positive_finite(scale, "scale")
     size, dev, compute_dtype = _resolve(shape, device, dtype, generator)
     key = _key_from_generator(generator, dev)
-    x, _ = _run("stable", key, range(size.numel()), float(alpha), compute_dtype, choose_path(size.numel(), dev))
+    x, _ = run("stable", key, range(size.numel()), float(alpha), compute_dtype, choose_path(size.numel(), dev))
     return _scaled(x, float(scale), dtype).reshape(size)
 
 
@@ -567,6 +379,6 @@ def sample_positive_stable(
     if alpha == 1.0:
         return torch.ones(size, device=dev, dtype=dtype)
     key = _key_from_generator(generator, dev)
-    x, _ = _run("positive_stable", key, range(size.numel()), float(alpha), compute_dtype,
+    x, _ = run("positive_stable", key, range(size.numel()), float(alpha), compute_dtype,
                 choose_path(size.numel(), dev))
     return _cast(x, dtype).reshape(size)

@@ -17,8 +17,9 @@ import scipy.stats
 import torch
 
 from lightning_heavytail import HeavyTailNoiseCallback, sample_stable
+from lightning_heavytail._counters import COMPILE_MIN_DRAWS, choose_path
 from lightning_heavytail.noise import add_heavy_tailed_noise, noise_key
-from lightning_heavytail.stable import COMPILE_MIN_DRAWS, choose_path, stable_at
+from lightning_heavytail.stable import stable_at
 from tests.helpers import MLP, loader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import random
-import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +16,13 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail.callbacks._noise_support import (
+    broadcast_from_rank_zero,
+    changed_settings,
+    check_strategy_supported,
+    state_under_another_key,
+    step_calls_on_stack,
+)
 from lightning_heavytail.noise import (
     NOISE_STRUCTURES,
     NONFINITE_POLICIES,
@@ -35,55 +40,11 @@ from lightning_heavytail.selection import (
     validate_selector,
 )
 
-SYNC_MODES = ("seed", "broadcast")
+__all__ = ["SYNC_MODES", "HeavyTailNoiseCallback", "check_strategy_supported"]
+
+SyncMode = Literal["seed", "broadcast"]
+SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
 _STATE_VERSION = 2
-# The settings a checkpoint records; a resume that changes one of them is told so (the step count continues).
-_SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "seed", "start_step", "stop_step")
-# The code object of torch's step wrapper (Optimizer.profile_hook_step), which calls the step hooks: its frames on the
-# stack tell a nested step (an optimizer subclass whose step calls super().step()) from the outermost one.
-_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
-
-
-def check_strategy_supported(strategy: object, sync: str = "seed") -> None:
-    """Refuse the strategies whose parameters the noise cannot be mapped onto.
-
-    Single-device, DDP-family and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and tensor parallelism, whose
-    DTensor parameters get exactly their part of the whole tensor's noise) are supported. FSDP1 (``FSDPStrategy``)
-    flattens parameters into shards that are not DTensors, and DeepSpeed partitions them its own way: both are refused,
-    as is ``sync="broadcast"`` where parameters are sharded (there is no replica to broadcast).
-
-    Raises:
-        ValueError: naming the strategy and what works instead.
-    """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    for refused in ("FSDPStrategy", "DeepSpeedStrategy"):
-        if refused in names:
-            raise ValueError(
-                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters in a layout"
-                " whose entries cannot be mapped to the whole tensor's noise. For sharded training use"
-                " ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model (FSDP2):"
-                " every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'."
-            )
-    if "ModelParallelStrategy" in names and sync == "broadcast":
-        raise ValueError(
-            "HeavyTailNoiseCallback: sync='broadcast' needs every rank to hold whole parameters, and"
-            f" {type(strategy).__name__} shards them; use sync='seed' (each shard draws its part of the same noise)"
-        )
-
-
-def _step_calls_on_stack(optimizer: torch.optim.Optimizer) -> int:
-    """How many calls of ``optimizer.step`` are running: 1 in the outermost, 2 inside ``super().step()``, ...
-
-    Read from the stack rather than counted in pre/post hooks, so that a step that raised (and whose post hook
-    therefore never ran) cannot leave a stale count that silences the noise of every later step.
-    """
-    count = 0
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _STEP_WRAPPER_CODE and frame.f_locals.get("self") is optimizer:
-            count += 1
-        frame = frame.f_back  # type: ignore[assignment]
-    return count
 
 
 class HeavyTailNoiseCallback(Callback):
@@ -150,7 +111,7 @@ class HeavyTailNoiseCallback(Callback):
         seed: int | None = None,
         start_step: int = 0,
         stop_step: int | None = None,
-        sync: Literal["seed", "broadcast"] = "seed",
+        sync: SyncMode = "seed",
         on_nonfinite: NonFinitePolicy = "raise",
         log_stats: bool = True,
     ) -> None:
@@ -293,7 +254,7 @@ class HeavyTailNoiseCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         recorded = state_dict.get("settings")
-        changes = self._changes(recorded) if isinstance(recorded, dict) else []
+        changes = changed_settings(recorded, self._settings()) if isinstance(recorded, dict) else []
         if self.seed is None or "seed" not in (recorded or {}):
             # no seed asked for (or none recorded to tell a change by): continue the checkpoint's stream
             self._resolved_seed = state_dict.get("seed", self._resolved_seed)
@@ -309,23 +270,11 @@ class HeavyTailNoiseCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return  # Lightning calls load_state_dict with it next
-        name = type(self).__name__
-        mine = {str(key): state for key, state in states.items()
-                if str(key).startswith(name) and isinstance(state, dict) and "noise_step" in state}
-        if not mine:
-            return
-        if len(mine) > 1:
-            raise ValueError(
-                f"The checkpoint holds several {name} states ({sorted(mine)}) and none has this callback's key"
-                f" {self.state_key!r}: give each callback the `params`/`exclude` it had, so each finds its own state"
-            )
-        key, state = next(iter(mine.items()))
-        if "settings" not in state:  # written before settings were recorded: they are in the key
-            state = {**state, "settings": _settings_from_key(key, name)}
-        self.load_state_dict(dict(state))
+        # Lightning calls load_state_dict with the state under our key; this finds it under another key (settings
+        # changed in a version-0.1 key, or params/exclude changed) and says so
+        state = state_under_another_key(checkpoint.get("callbacks") or {}, self.state_key, type(self).__name__)
+        if state is not None:
+            self.load_state_dict(state)
 
     # ------------------------------------------------------------------ private
 
@@ -335,21 +284,6 @@ class HeavyTailNoiseCallback(Callback):
             "params": self._params_key(), "exclude": list(self.exclude), "seed": self.seed,
             "start_step": self.start_step, "stop_step": self.stop_step,
         }
-
-    def _changes(self, recorded: dict[str, Any]) -> list[str]:
-        current = self._settings()
-        changes = []
-        for key in _SETTINGS:
-            if key not in recorded:
-                continue
-            old, new = recorded[key], current[key]
-            if key == "exclude":
-                old, new = list(old or []), list(new)
-            if key == "seed" and new is None:
-                continue  # no seed given: the checkpoint's is kept
-            if old != new:
-                changes.append(f"{key} {old!r} -> {new!r}")
-        return changes
 
     def _candidate_params(self) -> list[tuple[str, Tensor]]:
         if self._candidates is None or self._module is None:
@@ -398,7 +332,7 @@ class HeavyTailNoiseCallback(Callback):
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # torch runs the step hooks around every patched `step` in the class hierarchy: a subclass whose step calls
         # super().step() fires them once per level. The noise goes in once, after the outermost step.
-        if _step_calls_on_stack(optimizer) <= 1:
+        if step_calls_on_stack(optimizer) <= 1:
             self._after_optimizer_step(optimizer)
 
     def _group_scale(self, group: dict[str, Any]) -> float:
@@ -493,31 +427,10 @@ class HeavyTailNoiseCallback(Callback):
         self._note_paths(stats.paths)
         if self.sync == "broadcast":
             # Every target in a fixed order, skipped or not, so all ranks make the same broadcast calls.
-            _broadcast_from_rank_zero([p for targets, _ in groups for _, p in targets])
+            broadcast_from_rank_zero([p for targets, _ in groups for _, p in targets])
         self._noise_step += 1  # only once the step's noise is in
         if log_now and trainer is not None and trainer.is_global_zero:
             metrics = {"heavytail/noise_scale": max(scale for _, scale in groups) if groups else 0.0,
                        "heavytail/max_abs_noise": stats.max_abs_noise or 0.0}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _settings_from_key(key: str, name: str) -> dict[str, Any]:
-    """The settings an older checkpoint wrote into its state key, ``Name{'alpha': 1.8, ...}``; {} if unreadable."""
-    try:
-        settings = ast.literal_eval(key[len(name):])
-    except (ValueError, SyntaxError):
-        return {}
-    if not isinstance(settings, dict):
-        return {}
-    settings["exclude"] = list(settings.get("exclude", ()))
-    return settings
-
-
-def _broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() < 2:
-        return
-    for tensor in tensors:
-        torch.distributed.broadcast(tensor.data, src=0)

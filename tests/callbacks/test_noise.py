@@ -552,9 +552,9 @@ def test_a_checkpoint_written_before_settings_were_recorded_is_found_and_compare
 
 @pytest.mark.slow
 def test_a_resume_that_changes_the_sampler_kernel_warns(tmp_path, monkeypatch):
-    from lightning_heavytail import stable
+    from lightning_heavytail import _counters
 
-    monkeypatch.setattr(stable, "COMPILE_MIN_DRAWS", 64)  # the hidden weight (128 draws) goes through the compiler
+    monkeypatch.setattr(_counters, "COMPILE_MIN_DRAWS", 64)  # the hidden weight (128 draws) goes through the compiler
     monkeypatch.setenv("LIGHTNING_HEAVYTAIL_COMPILE", "1")
     first = HeavyTailNoiseCallback(1.8, 0.01, seed=3, params="hidden.weight")
     path = _checkpointed_run(tmp_path / "a", first)

@@ -8,14 +8,11 @@ compute dtype are concatenated into one counter space (a segment per parameter);
 equal shapes) is built once, when the plan is made; per step the work is a fixed number of tensor operations per
 batch and per run of equally shaped parameters, plus one fused norm for the non-finite check.
 
-Keys: the stream of parameter ``name`` at ``step`` is ``derive_key(seed, step) ^ name_key(name)`` (word by word), so
-the per-step key work for all parameters is one xor; ``name_key`` hashes a name once. The elliptical mixing variables
-use that stream xor-ed with a fixed word.
+The keys and the single-parameter draws are in ``_noise_draws``.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -24,32 +21,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
-from lightning_heavytail.stable import (
-    SamplerPath,
-    _as_int64,
-    _draws,
-    _string_word,
-    choose_path,
-    compile_available,
-    derive_key,
-    normal_at,
-    positive_stable_at,
-    stable_at,
+from lightning_heavytail._counters import SamplerPath, choose_path, counter_draws
+from lightning_heavytail._noise_draws import (
+    MIXING_WORDS,
+    NoiseTarget,
+    as_target,
+    check_distinct,
+    compute_dtype,
+    draw_count,
+    may_overflow,
+    name_key,
+    noise_key,
+    scaled_noise,
+    unit_shape,
 )
+from lightning_heavytail.sharding import is_sharded, local_part
+from lightning_heavytail.stable import derive_key
 
 # A parameter with at least this many draws per step is drawn alone (no index or key tensors are built for it, and
 # its noise is not held together with others'); below it, parameters of one device and dtype share batches of at most
-# _BATCH_DRAWS draws. Both are below stable.COMPILE_MIN_DRAWS, so batched parameters use the eager kernel, as they
-# would alone.
+# _BATCH_DRAWS draws. Both are below COMPILE_MIN_DRAWS, so batched parameters use the eager kernel, as they would alone.
 _BATCH_MAX_DRAWS = 1 << 16
 _BATCH_DRAWS = 1 << 20
-_NAME_LANES = (0x452821E638D01377, 0xBE5466CF34E90C6C)  # more hex digits of pi
-_MIXING_WORDS = (_as_int64(0xC0AC29B7C97C50DD), _as_int64(0x3F84D5B5B5470917))
-# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below the scale bound of noise.check_noise_scale a
-# finite float32/bfloat16/float64 parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach
-# ~1e38, so there, as for fp16, the sum is checked before it is written.
-_HEAVIEST_SAFE_ALPHA = 0.5
 
 
 class NonFiniteParameterError(FloatingPointError):
@@ -72,110 +65,6 @@ class NoiseStats:
     skipped: list[str]
     max_abs_noise: float | None = None
     paths: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class NoiseTarget:
-    """One tensor to add noise to.
-
-    Attributes:
-        name: the parameter's name; with the seed and the step it keys the noise.
-        tensor: what is written: the parameter itself, or the local part of a sharded one.
-        block: where ``tensor`` sits in the whole parameter (``LocalBlock.whole`` for an unsharded one).
-        sharded: whether other ranks hold other parts of the parameter (then every rank must agree on skipping it).
-    """
-
-    name: str
-    tensor: Tensor
-    block: LocalBlock
-    sharded: bool = False
-
-    @classmethod
-    def of(cls, name: str, tensor: Tensor) -> NoiseTarget:
-        """The target of a parameter: itself, or for a DTensor (FSDP2, tensor parallel) its local part."""
-        local, block = local_part(tensor)
-        return cls(name, local, block, is_sharded(tensor))
-
-
-def compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 parameters get float64 noise; every other dtype gets float32 arithmetic."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def name_key(name: str) -> tuple[int, int]:
-    """The two 64-bit words a parameter name contributes to its noise key (a fixed hash, computed once per name).
-
-    Examples:
-        >>> name_key("hidden.weight") == name_key("hidden.weight") != name_key("out.weight")
-        True
-    """
-    return _as_int64(_string_word(name, _NAME_LANES[0])), _as_int64(_string_word(name, _NAME_LANES[1]))
-
-
-def noise_key(seed: int, step: int, name: str) -> tuple[int, int]:
-    """The stream key of one parameter's noise at one step: ``derive_key(seed, step) ^ name_key(name)``.
-
-    Two different (step, name) pairs share a key with probability about ``2**-128``.
-
-    Examples:
-        >>> noise_key(0, 1, "w") != noise_key(0, 2, "w") and noise_key(0, 1, "w") != noise_key(0, 1, "v")
-        True
-    """
-    step_key, words = derive_key(seed, step), name_key(name)
-    return step_key[0] ^ words[0], step_key[1] ^ words[1]
-
-
-def mixing_key(key: tuple[int, int]) -> tuple[int, int]:
-    """The stream of the elliptical mixing variables of the parameter whose noise key is ``key``."""
-    return key[0] ^ _MIXING_WORDS[0], key[1] ^ _MIXING_WORDS[1]
-
-
-def draw_count(block: LocalBlock, structure: str) -> int:
-    """Draws per step of the whole parameter (not of the block): the size the sampler kernel is chosen by."""
-    if structure == "neuron" and len(block.global_shape) > 0:
-        return int(block.global_shape[0])
-    return int(block.global_shape.numel())
-
-
-def unit_shape(shape: torch.Size) -> torch.Size:
-    """The shape of one value per unit (dim 0), broadcasting over a tensor of ``shape``."""
-    return shape if len(shape) == 0 else torch.Size([shape[0]] + [1] * (len(shape) - 1))
-
-
-def standard_noise(block: LocalBlock, alpha: float, structure: str, key: tuple[int, int], device: torch.device,
-                   dtype: torch.dtype) -> tuple[Tensor, SamplerPath]:
-    """Scale-1 noise of one block, shaped to broadcast over it, and the kernel that drew it.
-
-    The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
-    tensor would.
-    """
-    path = choose_path(draw_count(block, structure), device)
-    rows = block.rows()
-    rows = rows.to(device) if isinstance(rows, Tensor) else rows
-    if structure == "neuron":
-        noise = stable_at(alpha, key, rows, device=device, dtype=dtype, path=path)
-        noise = noise.reshape(unit_shape(block.local_shape))
-    elif structure == "iid":
-        noise = stable_at(alpha, key, block.flat_index(device), device=device, dtype=dtype, path=path)
-        noise = noise.reshape(block.local_shape)
-    else:  # elliptical: sqrt(A) * G per unit, A positive (alpha/2)-stable (1 at alpha = 2), G ~ N(0, 2 I)
-        noise = normal_at(key, block.flat_index(device), device=device, dtype=dtype, path=path)
-        noise = noise.reshape(block.local_shape).mul_(math.sqrt(2.0))
-        if alpha < 2.0:
-            mixing = positive_stable_at(alpha / 2.0, mixing_key(key), rows, device=device, dtype=dtype, path=path)
-            noise = noise.mul_(mixing.sqrt_().reshape(unit_shape(block.local_shape)))
-    # a compile failure during the call falls back to eager: report what ran
-    return noise, path if compile_available(device) else "eager"
-
-
-def scaled_noise(target: NoiseTarget, alpha: float, scale: float, structure: str, key: tuple[int, int]) -> tuple[
-        Tensor, SamplerPath]:
-    """The noise of one target drawn alone, times ``scale``, clipped to the compute dtype (what a batch gives it)."""
-    dtype = compute_dtype(target.tensor)
-    noise, path = standard_noise(target.block, alpha, structure, key, target.tensor.device, dtype)
-    finfo = torch.finfo(dtype)
-    return noise.mul_(scale).clamp_(finfo.min, finfo.max), path
 
 
 def _index(values: range | Tensor) -> Tensor:
@@ -248,47 +137,6 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
         if len(batch.members) > 1:
             batch.segments = _Segments.of(batch.members, targets, structure, batch.device)
     return batches
-
-
-def _is_narrow(dtype: torch.dtype) -> bool:
-    # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
-    return torch.finfo(dtype).max < 1e38
-
-
-def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
-    """Whether ``param + noise`` can overflow ``dtype`` although both are finite."""
-    return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
-
-
-def as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:
-    """A ``NoiseTarget`` from a ``(name, tensor)`` pair (or itself), refusing what cannot take noise."""
-    target = item if isinstance(item, NoiseTarget) else NoiseTarget.of(*item)
-    if not isinstance(target.name, str):
-        raise TypeError(f"parameter names must be strings, got {type(target.name).__name__}: {target.name!r}")
-    tensor = target.tensor
-    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-        what = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise TypeError(f"parameter {target.name!r} must be a real floating point tensor to get noise, got {what}")
-    return target
-
-
-def check_distinct(targets: Sequence[NoiseTarget]) -> None:
-    """Refuse a name given twice (both tensors would get identical noise) or a tensor given twice (noised twice)."""
-    names: set[str] = set()
-    tensors: dict[int, str] = {}
-    for target in targets:
-        if target.name in names:
-            raise ValueError(
-                f"parameter name {target.name!r} is given twice: the noise is a function of (seed, step, name), so"
-                " both tensors would get identical noise. Give every tensor its own name (e.g. prefix each model's"
-                " named_parameters() with the model's name)."
-            )
-        names.add(target.name)
-        owner = tensors.setdefault(id(target.tensor), target.name)
-        if owner != target.name:
-            raise ValueError(
-                f"the same tensor is given as {owner!r} and as {target.name!r}; it would get noise twice per step"
-            )
 
 
 def _distributed() -> bool:
@@ -378,7 +226,7 @@ class NoisePlan:
                     f"parameter {target.name!r} holds inf or NaN at noise step {step}, before noise was added: the"
                     " optimizer step produced it (check the loss, the learning rate and the gradients)."
                 )
-            elif _may_overflow(target.tensor.dtype, alpha):
+            elif may_overflow(target.tensor.dtype, alpha):
                 # Draw the noise to check, and again to apply, rather than hold a float32 copy of every fp16 tensor.
                 noise, _ = scaled_noise(target, alpha, scales[i], self.structure, noise_key(seed, step, target.name))
                 if not bool((target.tensor.float() + noise).abs().max() <= torch.finfo(target.tensor.dtype).max):
@@ -480,13 +328,15 @@ class NoisePlan:
         # alpha as a tensor of the compute dtype, as stable._run passes it: (1 - alpha) / alpha must round alike
         alpha_t = torch.tensor(alpha, dtype=batch.dtype, device=batch.device)
         kind = "normal" if self.structure == "elliptical" else "stable"
-        draws = _draws(kind, seg_words[:, 0], seg_words[:, 1], segments.main_index, alpha_t, batch.dtype)
+        draws = counter_draws(kind, seg_words[:, 0], seg_words[:, 1], segments.main_index, alpha_t, batch.dtype)
         if self.structure != "elliptical":
             return draws, None
         draws = draws.mul_(math.sqrt(2.0))
         if alpha == 2.0:
             return draws, None
-        row_words = (words ^ torch.tensor(_MIXING_WORDS, device=batch.device))[segments.row_seg]
+        row_words = (words ^ torch.tensor(MIXING_WORDS, device=batch.device))[segments.row_seg]
         half_alpha = torch.tensor(alpha / 2.0, dtype=batch.dtype, device=batch.device)
-        return draws, _draws("positive_stable", row_words[:, 0], row_words[:, 1], segments.row_index, half_alpha,
-                             batch.dtype)
+        mixing = counter_draws("positive_stable", row_words[:, 0], row_words[:, 1], segments.row_index, half_alpha,
+                               batch.dtype)
+        return draws, mixing
+
