@@ -1,15 +1,15 @@
 """Speed of the symmetric alpha-stable sampler against named baselines, in millions of draws per second.
 
-    python benchmarks/bench_sampler.py [--n 4194304] [--reps 7] [--alpha 1.75]
+    python benchmarks/bench_sampler.py [--n 4194304] [--reps 7] [--alpha 1.75] [--device cpu|cuda]
 
-Rows: ``sample_stable`` on its eager path (LIGHTNING_HEAVYTAIL_COMPILE=0), on its fused torch.compile path
-(LIGHTNING_HEAVYTAIL_COMPILE=1) and as it runs by default; the pre-counter design for reference (torch.rand uniforms
-then the fused transform); scipy.stats.levy_stable.rvs; pyro's Stable.rsample (skipped when pyro is not installed);
-torch.randn (the Gaussian floor) and torch.rand of the 2 uniforms per draw that the CMS transform needs. Every row
-is timed once per round, rounds interleaved so that load from other processes hits all rows alike; the figure is
-the median over rounds after a warm-up, compile time excluded (and printed separately). scipy runs on a smaller
-``--scipy-n`` because it is slow; its rate is per draw like the rest. Timings on a shared machine are noisy: run it
-a few times and report the spread.
+Rows: ``sample_stable`` on its eager kernel (LIGHTNING_HEAVYTAIL_COMPILE=0), on its fused torch.compile kernel
+(LIGHTNING_HEAVYTAIL_COMPILE=1) and as it runs by default (fused for at least 2**20 draws where compiling works);
+scipy.stats.levy_stable.rvs (CPU only); pyro's Stable.rsample (skipped when pyro is not installed); torch.randn (the
+Gaussian floor) and torch.rand of the 2 uniforms per draw that the CMS transform needs. Every row is timed once per
+round, rounds interleaved so that load from other processes hits all rows alike; the figure is the median over rounds
+after a warm-up, compile time excluded (and printed separately); on CUDA every call is synchronized. scipy runs on a
+smaller ``--scipy-n`` because it is slow; its rate is per draw like the rest. Timings on a shared machine are noisy:
+run it a few times and report the spread.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import scipy.stats
 import torch
 
 from lightning_heavytail import sample_stable
-from lightning_heavytail import stable as stable_module
-
-ENV = stable_module._COMPILE_ENV
+from lightning_heavytail._counters import COMPILE_ENV as ENV
+from lightning_heavytail._counters import compile_available
 
 
 def _with_env(value: str | None, fn: Callable[[], object]) -> Callable[[], object]:
@@ -67,47 +66,44 @@ def main() -> None:
     parser.add_argument("--scipy-n", type=int, default=1 << 20, help="draws per scipy call")
     parser.add_argument("--reps", type=int, default=7, help="timed rounds (median reported)")
     parser.add_argument("--alpha", type=float, default=1.75, help="stability index (the paper's README uses 1.75)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    n, alpha = args.n, args.alpha
-    g = torch.Generator().manual_seed(0)
+    n, alpha, device = args.n, args.alpha, torch.device(args.device)
+    g = torch.Generator(device).manual_seed(0)
     rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
+            sync()
+            return out
+        return run
 
     # Compile outside the timing: the first fused call pays it.
-    compile_s: dict[str, float] = {}
     t0 = time.perf_counter()
-    _with_env("1", lambda: sample_stable(alpha, n, generator=g))()
-    compile_s["sample_stable fused (counter uniforms + CMS)"] = time.perf_counter() - t0
-    fused_ok = not stable_module._compile_failed
-    transform = stable_module._compiled("transform", torch.device("cpu"))
-
-    def torch_rand_then_fused_transform() -> object:
-        u = torch.rand((2, n), generator=g)
-        assert transform is not None
-        return transform(u[0], u[1], torch.tensor(alpha), stable_module._V_MAX_F32, 72.0)
-
-    if transform is not None:
-        t0 = time.perf_counter()
-        torch_rand_then_fused_transform()
-        compile_s["fused transform alone (pre-counter design)"] = time.perf_counter() - t0
+    timed(_with_env("1", lambda: sample_stable(alpha, n, generator=g, device=device)))()
+    compile_s = time.perf_counter() - t0
+    fused_ok = _with_env("1", lambda: compile_available(device))()
 
     rows: dict[str, tuple[int, Callable[[], object]]] = {
-        "torch.randn (Gaussian floor)": (n, lambda: torch.randn(n, generator=g)),
-        "torch.rand x2 (CMS's 2 uniforms per draw)": (n, lambda: torch.rand((2, n), generator=g)),
-        "sample_stable default": (n, _with_env(None, lambda: sample_stable(alpha, n, generator=g))),
+        "torch.randn (Gaussian floor)": (n, timed(lambda: torch.randn(n, generator=g, device=device))),
+        "torch.rand x2 (CMS's 2 uniforms per draw)": (
+            n, timed(lambda: torch.rand((2, n), generator=g, device=device))),
+        "sample_stable default": (n, timed(_with_env(None, lambda: sample_stable(alpha, n, generator=g,
+                                                                                  device=device)))),
         "sample_stable fused (LIGHTNING_HEAVYTAIL_COMPILE=1)": (
-            n, _with_env("1", lambda: sample_stable(alpha, n, generator=g))),
+            n, timed(_with_env("1", lambda: sample_stable(alpha, n, generator=g, device=device)))),
         "sample_stable eager (LIGHTNING_HEAVYTAIL_COMPILE=0)": (
-            n, _with_env("0", lambda: sample_stable(alpha, n, generator=g))),
-        "scipy.stats.levy_stable.rvs": (
+            n, timed(_with_env("0", lambda: sample_stable(alpha, n, generator=g, device=device)))),
+        "scipy.stats.levy_stable.rvs (CPU)": (
             args.scipy_n, lambda: scipy.stats.levy_stable.rvs(alpha, 0.0, size=args.scipy_n, random_state=rng)),
     }
-    if transform is not None:
-        rows["torch.rand + fused transform (pre-counter design)"] = (n, torch_rand_then_fused_transform)
     try:
         from pyro.distributions import Stable
 
-        pyro_dist = Stable(torch.tensor(alpha), torch.tensor(0.0))
-        rows["pyro Stable.rsample"] = (n, lambda: pyro_dist.rsample((n,)))
+        pyro_dist = Stable(torch.tensor(alpha, device=device), torch.tensor(0.0, device=device))
+        rows["pyro Stable.rsample"] = (n, timed(lambda: pyro_dist.rsample((n,))))
     except ImportError:
         print("pyro-ppl not installed: pyro row skipped")
 
@@ -124,13 +120,13 @@ def main() -> None:
 
     rate = {name: rows[name][0] / statistics.median(ts) / 1e6 for name, ts in times.items()}
     spread = {name: (rows[name][0] / max(ts) / 1e6, rows[name][0] / min(ts) / 1e6) for name, ts in times.items()}
-    randn, scipy_rate = rate["torch.randn (Gaussian floor)"], rate["scipy.stats.levy_stable.rvs"]
+    randn, scipy_rate = rate["torch.randn (Gaussian floor)"], rate["scipy.stats.levy_stable.rvs (CPU)"]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_cpu_name()}, alpha={alpha}, n={n}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, alpha={alpha}, n={n}, "
           f"scipy n={args.scipy_n}, median of {args.reps} interleaved rounds")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (other processes share the CPU)")
-    print(f"compile fused path: {'ok' if fused_ok else 'FAILED (eager fallback)'}; "
-          + "; ".join(f"{k}: {v:.1f} s" for k, v in compile_s.items()))
+    print(f"compile fused path: {'ok' if fused_ok else 'FAILED (eager fallback)'}; first fused call {compile_s:.1f} s")
     print()
     print("| sampler | M draws/s (median) | min-max over rounds | vs torch.randn | vs scipy |")
     print("|---|---:|---:|---:|---:|")
