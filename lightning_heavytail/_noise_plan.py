@@ -40,7 +40,8 @@ from lightning_heavytail.stable import derive_key
 
 # A parameter with at least this many draws per step is drawn alone (no index or key tensors are built for it, and
 # its noise is not held together with others'); below it, parameters of one device and dtype share batches of at most
-# _BATCH_DRAWS draws. Both are below COMPILE_MIN_DRAWS, so batched parameters use the eager kernel, as they would alone.
+# _BATCH_DRAWS draws. Only parameters the eager kernel draws are batched (the kernel is chosen by the whole parameter's
+# size, as when it is drawn alone).
 _BATCH_MAX_DRAWS = 1 << 16
 _BATCH_DRAWS = 1 << 20
 
@@ -116,8 +117,9 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
     for i, target in enumerate(targets):
         device, dtype = target.tensor.device, compute_dtype(target.tensor)
         count = draw_count(target.block, structure)
-        if count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
-            batches.append(_Batch([i], device, dtype, choose_path(count, device)))
+        path = choose_path(count, device)
+        if path == "compiled" or count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
+            batches.append(_Batch([i], device, dtype, path))
         else:
             small.setdefault((device, dtype), []).append(i)
     for (device, dtype), members in small.items():

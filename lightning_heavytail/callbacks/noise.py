@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -105,8 +105,8 @@ class HeavyTailNoiseCallback(Callback):
         sigma: float = 0.003,
         *,
         lr_scaling: bool = True,
-        structure: NoiseStructure = "iid",
-        params: ParamSelector = "weights",
+        structure: NoiseStructure = "neuron",
+        params: ParamSelector = "paper",
         exclude: str | Sequence[str] = (),
         seed: int | None = None,
         start_step: int = 0,
@@ -220,6 +220,40 @@ class HeavyTailNoiseCallback(Callback):
             self._select(pl_module)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        self._log_hyperparams(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Again after Lightning has logged the module's (and datamodule's) hyperparameters: TensorBoard's HParams tab
+        # shows the last set logged, which then holds both. (The fit-start call put them in hparams.yaml, which
+        # TensorBoardLogger writes once, at Lightning's first save.)
+        self._log_hyperparams(trainer)
+
+    def _log_hyperparams(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logged = getattr(logger, "hparams", None)
+                earlier = dict(logged) if isinstance(logged, Mapping) else {}
+                logger.log_hyperparams({**earlier, **self.hparams()})
+
+    def hparams(self) -> dict[str, Any]:
+        """The noise settings as hyperparameters (``heavytail/alpha``, ...): what tells runs apart in TensorBoard.
+
+        Examples:
+            >>> HeavyTailNoiseCallback(alpha=1.75, sigma=0.1, seed=3).hparams()["heavytail/sigma"]
+            0.1
+        """
+        return {
+            "heavytail/alpha": self.alpha,
+            "heavytail/sigma": self.sigma,
+            "heavytail/structure": self.structure,
+            "heavytail/lr_scaling": self.lr_scaling,
+            "heavytail/params": self._params_key().strip("'"),
+            "heavytail/exclude": ",".join(self.exclude),
+            "heavytail/seed": self._resolved_seed if self._resolved_seed is not None else -1,
+            "heavytail/start_step": self.start_step,
+            "heavytail/stop_step": self.stop_step if self.stop_step is not None else -1,
+        }
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -26,7 +26,7 @@ def test_noise_after_every_real_step_has_the_stable_law_at_sigma_lr_pow_one_over
     alpha, sigma, lr = 1.5, 0.05, 0.2
     model = MLP(width=256, lr=lr, grad_scale=0.0)
     before = weights(model)
-    cb = HeavyTailNoiseCallback(alpha, sigma, seed=0)
+    cb = HeavyTailNoiseCallback(alpha, sigma, structure="iid", params="weights", seed=0)
     trainer(tmp_path, callbacks=[cb], max_steps=1).fit(model)
     assert cb.noise_step == 1
     delta = (model.hidden.weight.detach() - before["hidden.weight"]).numpy().ravel()
@@ -121,7 +121,7 @@ class TwoOptimizers(MLP):
 
 def test_manual_optimization_noises_only_the_stepped_optimizers_parameters(tmp_path):
     model = TwoOptimizers()
-    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    cb = HeavyTailNoiseCallback(1.8, 0.1, params="weights", seed=0)
     trainer(tmp_path, callbacks=[cb]).fit(model)
     assert len(model.checks) == STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2
     assert all(mine_moved and other_still for mine_moved, other_still in model.checks)
@@ -324,7 +324,7 @@ def test_parameters_in_no_optimizer_are_reported(tmp_path):
             return torch.optim.SGD(self.hidden.parameters(), lr=0.1)
 
     with pytest.warns(UserWarning, match="out.weight"):
-        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(seed=0)], max_steps=1).fit(OnlyHidden())
+        trainer(tmp_path, callbacks=[HeavyTailNoiseCallback(params="weights", seed=0)], max_steps=1).fit(OnlyHidden())
 
 
 
@@ -344,7 +344,7 @@ def test_a_failure_in_one_param_group_leaves_every_group_unnoised(tmp_path):
 
     model = TwoGroups(grad_scale=0.0)  # zero gradients: only the noise could move the weights
     before = model.hidden.weight.detach().clone()
-    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    cb = HeavyTailNoiseCallback(1.8, 0.1, params="weights", seed=0)
     with pytest.raises(NonFiniteParameterError, match=r"'out.weight'.*noise step 0"):
         trainer(tmp_path, callbacks=[cb]).fit(model)
     assert torch.equal(model.hidden.weight, before)  # group 0 comes first, and was still not noised
@@ -446,7 +446,7 @@ class LazyMLP(MLP):
 def test_lazy_parameters_get_noise_once_materialized(tmp_path, params, caplog):
     model = LazyMLP(lr=0.1, grad_scale=0.0)
     record = _RecordStepDeltas("hidden.weight")
-    cb = HeavyTailNoiseCallback(1.8, 0.1, params=params, seed=5)
+    cb = HeavyTailNoiseCallback(1.8, 0.1, structure="iid", params=params, seed=5)
     with caplog.at_level("INFO"):
         trainer(tmp_path, callbacks=[cb, record], max_steps=2).fit(model)
     assert cb.noise_step == 2 and "hidden.weight" in cb.noised_parameters
@@ -477,7 +477,7 @@ def test_a_layer_unfrozen_later_gets_noise_from_then_on_and_the_change_is_logged
 
     model = WithBackbone()
     record = _RecordStepDeltas("backbone.weight")
-    cb = HeavyTailNoiseCallback(1.8, 0.1, params="backbone.*", seed=3)
+    cb = HeavyTailNoiseCallback(1.8, 0.1, structure="iid", params="backbone.*", seed=3)
     finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0, verbose=False)
     with caplog.at_level("INFO"):
         trainer(tmp_path, callbacks=[finetune, cb, record], max_epochs=2).fit(model)
@@ -516,7 +516,7 @@ def test_a_step_that_raises_does_not_silence_the_noise_of_later_steps(tmp_path):
             self.changed.append(bool((self.hidden.weight != before).all()))
 
     model = RaisingClosure()
-    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    cb = HeavyTailNoiseCallback(1.8, 0.1, params="weights", seed=0)
     trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(model)
     assert model.changed == [True] * STEPS_PER_EPOCH and cb.noise_step == STEPS_PER_EPOCH
 
@@ -528,7 +528,7 @@ def _checkpointed_run(tmp_path, cb, **kwargs):
 
 
 def test_changed_settings_on_resume_are_named_in_a_warning_and_the_step_count_continues(tmp_path):
-    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, seed=3))
+    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, structure="iid", seed=3))
     resumed = HeavyTailNoiseCallback(1.7, 0.02, structure="neuron", seed=4)
     with pytest.warns(UserWarning, match=r"alpha 1\.8 -> 1\.7; sigma 0\.01 -> 0\.02; structure 'iid' -> 'neuron'; "
                                          r"seed 3 -> 4\. The step count continues from 4"):
@@ -537,14 +537,14 @@ def test_changed_settings_on_resume_are_named_in_a_warning_and_the_step_count_co
 
 
 def test_a_checkpoint_written_before_settings_were_recorded_is_found_and_compared(tmp_path):
-    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, seed=3))
+    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, structure="iid", params="weights", seed=3))
     checkpoint = torch.load(path, weights_only=False)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("HeavyTailNoiseCallback")]
     old_key = ("HeavyTailNoiseCallback{'alpha': 1.8, 'sigma': 0.01, 'structure': 'iid', 'params': \"'weights'\","
                " 'exclude': ()}")  # the key of version 1, which held the settings
     checkpoint["callbacks"] = {old_key: {"version": 1, "seed": state["seed"], "noise_step": state["noise_step"]}}
     torch.save(checkpoint, path)
-    resumed = HeavyTailNoiseCallback(1.8, 0.03)
+    resumed = HeavyTailNoiseCallback(1.8, 0.03, structure="iid", params="weights")
     with pytest.warns(UserWarning, match=r"sigma 0\.01 -> 0\.03\. The step count continues from 4"):
         trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(MLP(lr=0.05), ckpt_path=path)
     assert resumed.noise_step == 2 * STEPS_PER_EPOCH and resumed.resolved_seed == 3
@@ -556,11 +556,11 @@ def test_a_resume_that_changes_the_sampler_kernel_warns(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_counters, "COMPILE_MIN_DRAWS", 64)  # the hidden weight (128 draws) goes through the compiler
     monkeypatch.setenv("LIGHTNING_HEAVYTAIL_COMPILE", "1")
-    first = HeavyTailNoiseCallback(1.8, 0.01, seed=3, params="hidden.weight")
+    first = HeavyTailNoiseCallback(1.8, 0.01, structure="iid", seed=3, params="hidden.weight")
     path = _checkpointed_run(tmp_path / "a", first)
     assert first.state_dict()["sampler_paths"] == {"hidden.weight": "compiled"}
     monkeypatch.setenv("LIGHTNING_HEAVYTAIL_COMPILE", "0")  # as on a machine without a compiler
-    resumed = HeavyTailNoiseCallback(1.8, 0.01, seed=3, params="hidden.weight")
+    resumed = HeavyTailNoiseCallback(1.8, 0.01, structure="iid", seed=3, params="hidden.weight")
     with pytest.warns(UserWarning, match=r"'hidden.weight' comes from the eager sampler kernel \(the checkpoint's run"
                                          r" used compiled\)"):
         trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(MLP(lr=0.05), ckpt_path=path)
@@ -570,3 +570,40 @@ def test_a_resume_that_changes_the_sampler_kernel_warns(tmp_path, monkeypatch):
 def test_numpy_integers_are_accepted_for_seed_and_steps():
     cb = HeavyTailNoiseCallback(np.float64(1.7), np.float32(0.01), seed=np.int64(3), start_step=np.int32(1))
     assert cb.seed == 3 and type(cb.seed) is int and cb.start_step == 1 and cb.alpha == pytest.approx(1.7)
+
+
+def _hparams_sessions(log_dir):
+    """The hyperparameter sets in a TensorBoard event file, in the order written (the HParams tab shows the last)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    sessions.append({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                                     for k, v in data.session_start_info.hparams.items()})
+    return sessions
+
+
+def test_noise_settings_join_the_module_hyperparameters_in_tensorboard_and_hparams_yaml(tmp_path):
+    import yaml
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class WithHparams(MLP):
+        def __init__(self, lr=0.1):
+            super().__init__(lr=lr)
+            self.save_hyperparameters()
+
+    logger = TensorBoardLogger(tmp_path, name="run")
+    cb = HeavyTailNoiseCallback(1.75, 0.02, structure="neuron", params="paper", seed=5)
+    trainer(tmp_path, callbacks=[cb], logger=logger, max_steps=2).fit(WithHparams(lr=0.05))
+    last = _hparams_sessions(logger.log_dir)[-1]
+    assert last["lr"] == pytest.approx(0.05)  # the module's, kept
+    assert last["heavytail/alpha"] == pytest.approx(1.75) and last["heavytail/sigma"] == pytest.approx(0.02)
+    assert last["heavytail/structure"] == "neuron" and last["heavytail/params"] == "paper"
+    assert last["heavytail/seed"] == 5
+    saved = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert saved["lr"] == 0.05 and saved["heavytail/sigma"] == 0.02 and saved["heavytail/structure"] == "neuron"
