@@ -89,13 +89,14 @@ def main(mode: str, out: str) -> None:
     results: dict[str, Any] = {}
     trainer = None
     for structure in STRUCTURES:
-        noise = HeavyTailNoiseCallback(1.7, 0.1, structure=structure, seed=1)
+        noise = HeavyTailNoiseCallback(1.7, 0.1, structure=structure, params="weights", seed=1)
         trainer, model = fit(mode, root / structure, 4, [noise])
         results[structure] = {"params": whole_parameters(model), "noise_step": noise.noise_step}
     # resume from a (distributed, under sharding) checkpoint written after 2 steps, to 4 steps
-    first = HeavyTailNoiseCallback(1.7, 0.1, structure="neuron", seed=1)
+    first = HeavyTailNoiseCallback(1.7, 0.1, structure="neuron", params="weights", seed=1)
     fit(mode, root / "resume", 2, [first], checkpoint=True)
-    resumed = HeavyTailNoiseCallback(1.7, 0.1, structure="neuron")  # seed and step count from the checkpoint
+    # no seed: the seed and the step count come from the checkpoint
+    resumed = HeavyTailNoiseCallback(1.7, 0.1, structure="neuron", params="weights")
     trainer, model = fit(mode, root / "resumed", 4, [resumed], ckpt_path=str(root / "resume" / "last.ckpt"))
     results["resumed"] = {"params": whole_parameters(model), "noise_step": resumed.noise_step,
                           "seed": resumed.resolved_seed}

@@ -537,7 +537,8 @@ def test_changed_settings_on_resume_are_named_in_a_warning_and_the_step_count_co
 
 
 def test_a_checkpoint_written_before_settings_were_recorded_is_found_and_compared(tmp_path):
-    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, structure="iid", params="weights", seed=3))
+    first = HeavyTailNoiseCallback(1.8, 0.01, structure="iid", params="weights", seed=3)
+    path = _checkpointed_run(tmp_path / "a", first)
     checkpoint = torch.load(path, weights_only=False)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("HeavyTailNoiseCallback")]
     old_key = ("HeavyTailNoiseCallback{'alpha': 1.8, 'sigma': 0.01, 'structure': 'iid', 'params': \"'weights'\","
