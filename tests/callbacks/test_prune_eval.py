@@ -1035,3 +1035,58 @@ def test_ddp_with_batchnorm_logs_the_curve_of_the_saved_model(tmp_path: Path) ->
     model.load_state_dict({**saved, **{k: v for k, v in before[1].items()}})
     other = evaluate_pruning_curve(model, loader(37, 10, 4), LEVELS, method="global")
     assert other.metrics != held[0]["histories"]["pruning"][-1]["curves"]["global"]["metrics"]
+
+
+# --------------------------------------------------------------------------- item 17: mid-epoch resume, as documented
+
+
+class RecordingNet(PlainMLP):
+    """Records the sample ids of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, ids = batch
+        self.seen.append(ids.tolist())
+        return self(x).pow(2).mean()
+
+
+def test_mid_epoch_resume_replays_the_epochs_first_batches_as_the_docs_say(tmp_path: Path) -> None:
+    from lightning_heavytail import HeavyTailNoiseCallback
+
+    data = DataLoader(TensorDataset(torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12)),
+                      batch_size=2)  # 6 batches per epoch
+
+    def run(ckpt_path: str | None = None, every_step: bool = False) -> tuple[RecordingNet, list[Callback]]:
+        torch.manual_seed(0)
+        model = RecordingNet()
+        callbacks: list[Callback] = [
+            HeavyTailNoiseCallback(alpha=1.8, sigma=0.1, seed=0, params="weights"),
+            PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(8, 0), compressibility=False, log_figure=False),
+        ]
+        if every_step:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                             filename="{step}"))
+        trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=None,
+                                           enable_checkpointing=every_step), callbacks=callbacks)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, callbacks
+
+    full, full_callbacks = run(every_step=True)
+    mid, mid_callbacks = run(str(tmp_path / "ckpt" / "step=7.ckpt"))  # one batch into the second epoch
+    # the resumed run trains steps 7-11 on the epoch's data from its first batch: [0, 1] again, [10, 11] never
+    assert full.seen[7:] == [[2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert mid.seen == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert not torch.equal(full.hidden.weight, mid.hidden.weight)
+    # what holds: the step count and the noise counter, the epochs evaluated
+    assert mid_callbacks[0].noise_step == full_callbacks[0].noise_step == 12
+    assert [e["epoch"] for e in mid_callbacks[1].history] == [e["epoch"] for e in full_callbacks[1].history] == [0, 1]
+    # from the checkpoint at the epoch's end the resumed run is the uninterrupted one, bitwise
+    end, _ = run(str(tmp_path / "ckpt" / "step=6.ckpt"))
+    assert end.seen == full.seen[6:] and torch.equal(full.hidden.weight, end.hidden.weight)
+    # and the docs quote exactly this measurement
+    docs = (Path(__file__).parents[2] / "docs" / "noise_callback.md").read_text()
+    assert "resumed run trained steps 7-11 on samples `[0,1] [2,3] [4,5] [6,7] [8,9]`" in docs
+    assert "uninterrupted one on `[2,3] [4,5] [6,7] [8,9] [10,11]`" in docs
