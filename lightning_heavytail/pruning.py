@@ -86,8 +86,8 @@ __all__ = [
     "level_label",
     "rng_preserved",
     "tensor_view",
+    "validate_forward",
     "validate_method",
-    "validate_output_key",
     "validate_sparsities",
 ]
 
@@ -1152,42 +1152,42 @@ def _validate_common(model: Any, forward_fn: Any, output_key: Any, metrics: Any,
         raise ValueError(
             f"`metrics` must be None, a torchmetrics Metric or a MetricCollection, got {type(metrics).__name__}"
         )
-    if forward_fn is not None and not callable(forward_fn):
-        raise ValueError(
-            f"`forward_fn` must be None or a callable (model, batch) -> (preds, target), got {forward_fn!r}"
-        )
-    validate_output_key(output_key)
-    if forward_fn is not None and output_key is not None:
-        raise ValueError(
-            f"Pass `forward_fn` or `output_key`, not both: `forward_fn` returns the predictions itself (got"
-            f" output_key={output_key!r})"
-        )
+    validate_forward(forward_fn, output_key)
     return patterns
 
 
-def validate_output_key(output_key: Any, argument: str = "output_key") -> None:
-    """Check an ``output_key``: None, a non-empty string (a key of a dict output) or an int (a tuple index).
+def validate_forward(forward_fn: Any, output_key: Any) -> None:
+    """Check ``forward_fn`` (None or a callable) and ``output_key`` (None, a dict key or a tuple index), not both.
 
     Raises:
-        TypeError: for any other type.
-        ValueError: for an empty string.
+        TypeError: for a ``forward_fn`` that is not callable, an ``output_key`` that is not a str or an int.
+        ValueError: for an empty ``output_key``, or both given.
 
     Examples:
-        >>> validate_output_key("logits")
-        >>> validate_output_key(1.5)
+        >>> validate_forward(None, "logits")
+        >>> validate_forward(None, 1.5)
         Traceback (most recent call last):
         ...
         TypeError: `output_key` must be None, a key (str) or an index (int) of the model's output, got float: 1.5
     """
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(
+            f"`forward_fn` must be None or a callable (model, batch) -> (preds, target), got {forward_fn!r}"
+        )
     if output_key is None:
         return
     if isinstance(output_key, bool) or not isinstance(output_key, (str, int)):
         raise TypeError(
-            f"`{argument}` must be None, a key (str) or an index (int) of the model's output, got"
+            f"`output_key` must be None, a key (str) or an index (int) of the model's output, got"
             f" {type(output_key).__name__}: {output_key!r}"
         )
     if output_key == "":
-        raise ValueError(f"`{argument}` must not be empty")
+        raise ValueError("`output_key` must not be empty")
+    if forward_fn is not None:
+        raise ValueError(
+            f"Pass `forward_fn` or `output_key`, not both: `forward_fn` returns the predictions itself (got"
+            f" output_key={output_key!r})"
+        )
 
 
 def evaluate_pruning_curve(

@@ -51,8 +51,8 @@ from lightning_heavytail.pruning import (
     level_label,
     rng_preserved,
     tensor_view,
+    validate_forward,
     validate_method,
-    validate_output_key,
     validate_sparsities,
 )
 from lightning_heavytail.selection import ParamSelector, validate_exclude, validate_selector
@@ -209,16 +209,7 @@ class PruneEvalCallback(Callback):
         if params is not None:
             validate_selector(params, "params")
         exclude = validate_exclude(exclude)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(
-                f"`forward_fn` must be None or a callable (model, batch) -> (preds, target), got {forward_fn!r}"
-            )
-        validate_output_key(output_key)
-        if forward_fn is not None and output_key is not None:
-            raise ValueError(
-                f"Pass `forward_fn` or `output_key`, not both: `forward_fn` returns the predictions itself (got"
-                f" output_key={output_key!r})"
-            )
+        validate_forward(forward_fn, output_key)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
         if report_sparsities is None:
