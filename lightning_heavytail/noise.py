@@ -15,9 +15,10 @@ parametrization: ``alpha = 2`` is ``N(0, 2)``). The noise structures follow the 
   of a unit are dependent. (The authors use ``G ~ N(0, I)``, i.e. marginal scale ``2**-0.5``; here every structure
   has scale-1 marginals, so ``sigma`` means the same thing for all three.)
 
-Reproducibility is counter-based: the noise of a parameter at a step is a pure function of ``(seed, step, name)``
-(``derive_seed``), so it does not depend on what ran before, on the process, or on
-the DDP rank, and a resumed run draws exactly what an uninterrupted run draws.
+Reproducibility is counter-based: the noise of a parameter at a step is the stream ``noise_key(seed, step, name)``
+read at the global index of each entry (or unit), so it does not depend on what ran before, on the process, on the
+DDP rank or on sharding, and a resumed run draws exactly what an uninterrupted run draws. ``NoisePlan`` draws the
+noise of many parameters in a few batched operations, bitwise as each would get it alone.
 
 References:
     Y. Wan, M. Barsbey, A. Zaidi, U. Şimşekli, "Implicit Compressibility of Overparametrized Neural Networks
@@ -28,23 +29,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_heavytail._checks import check_alpha, check_choice, check_positive_finite
-from lightning_heavytail.stable import derive_seed, sample_positive_stable, sample_stable
+from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail._noise_engine import (
+    NoisePlan,
+    NoiseStats,
+    NoiseTarget,
+    NonFiniteParameterError,
+    name_key,
+    noise_key,
+    standard_noise,
+)
+from lightning_heavytail.sharding import LocalBlock
 
 __all__ = [
     "NOISE_STRUCTURES",
+    "NoisePlan",
     "NoiseStats",
+    "NoiseTarget",
     "NonFiniteParameterError",
     "add_heavy_tailed_noise",
     "add_heavy_tailed_noise_groups",
     "check_noise_scale",
     "draw_noise",
+    "name_key",
+    "noise_key",
     "noise_scale",
 ]
 
@@ -54,29 +67,8 @@ NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 
 # Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
-# parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach ~1e38, so there, as for fp16,
-# the sum is checked before it is written (see _may_overflow).
+# parameter cannot overflow when noise is added (below alpha 0.5, and for fp16, the sum is checked: NoisePlan).
 _MAX_SCALE = 1e15
-_HEAVIEST_SAFE_ALPHA = 0.5
-
-
-class NonFiniteParameterError(FloatingPointError):
-    """A selected parameter holds inf or NaN at a noise step (the message names it and the step)."""
-
-
-@dataclass
-class NoiseStats:
-    """What one call of ``add_heavy_tailed_noise`` did.
-
-    Attributes:
-        noised: names of the parameters that received noise.
-        skipped: names of the parameters left untouched because they were (or would become) non-finite.
-        max_abs_noise: the largest |noise| added, when asked for (``track_max=True``), else ``None``.
-    """
-
-    noised: list[str]
-    skipped: list[str]
-    max_abs_noise: float | None = None
 
 
 def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
@@ -109,12 +101,6 @@ def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = Tru
     return math.exp(log_scale) if log_scale < 709.0 else math.inf
 
 
-def _unit_shape(shape: torch.Size, structure: str) -> torch.Size:
-    if structure == "iid" or len(shape) == 0:
-        return shape
-    return torch.Size([shape[0]] + [1] * (len(shape) - 1))
-
-
 def draw_noise(
     shape: torch.Size | tuple[int, ...],
     alpha: float,
@@ -128,14 +114,16 @@ def draw_noise(
     """Draw the noise for one parameter of the given shape: ``scale * X`` with the chosen structure.
 
     Arithmetic runs in float32 (float64 for a float64 output) and is cast at the end. For ``"neuron"`` the result has
-    shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``.
+    shape ``(shape[0], 1, ..., 1)`` and broadcasts over the parameter; otherwise it has ``shape``. The stream keys
+    come from ``generator`` (torch's default generator when None); the noise callback instead keys each parameter's
+    noise by ``noise_key(seed, step, name)``.
 
     Args:
         shape: the parameter's shape; dimension 0 indexes output units.
         alpha: stability index in (0, 2].
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"`` (see the module docstring).
         scale: multiplies the scale-1 draws.
-        generator: a ``torch.Generator`` on ``device``.
+        generator: a ``torch.Generator``.
         device: where to draw.
         dtype: output dtype.
 
@@ -151,70 +139,20 @@ def draw_noise(
     """
     check_alpha(alpha)
     check_choice(structure, NOISE_STRUCTURES, "structure")
-    size = torch.Size(shape)
-    if structure != "elliptical" or len(size) == 0:
-        return sample_stable(alpha, _unit_shape(size, structure), scale=scale, generator=generator, device=device,
-                             dtype=dtype)
+    check_positive_finite(scale, "scale", allow_zero=True)
+    dev = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (2,), generator=generator, dtype=torch.int64,
+                          device=generator.device if generator is not None else dev).tolist()
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    mixing = sample_positive_stable(alpha / 2.0, _unit_shape(size, "neuron"), generator=generator, device=device,
-                                    dtype=compute_dtype)
-    gaussian = torch.randn(size, generator=generator, device=device, dtype=compute_dtype)
-    noise = gaussian.mul_(mixing.sqrt_().mul_(math.sqrt(2.0) * scale))
-    if dtype != compute_dtype:
-        finfo = torch.finfo(dtype)
-        noise = noise.clamp_(finfo.min, finfo.max).to(dtype)
-    return noise
-
-
-def _is_finite(tensor: Tensor) -> bool:
-    # A sum is one cheap reduction and is finite whenever every entry is; only when it is not (NaN/inf, or an
-    # overflow of the sum itself) is the exact elementwise test worth its cost.
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def _is_narrow(dtype: torch.dtype) -> bool:
-    # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
-    return torch.finfo(dtype).max < 1e38
-
-
-def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
-    """Whether ``param + noise`` can overflow ``dtype`` although both are finite (see _MAX_SCALE)."""
-    return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
-
-
-def _noise_for(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
-               step: int) -> Tensor:
-    """The noise of one parameter at one step: a pure function of (seed, step, name), drawn on its device."""
-    generator = torch.Generator(device=param.device).manual_seed(derive_seed(seed, step, name))
-    # float64 parameters get float64 noise; every other dtype gets float32 arithmetic.
-    noise_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    return draw_noise(param.shape, alpha, structure=structure, scale=scale, generator=generator, device=param.device,
-                      dtype=noise_dtype)
-
-
-def _nonfinite_problem(name: str, param: Tensor, alpha: float, scale: float, structure: NoiseStructure, seed: int,
-                       step: int) -> str | None:
-    """Why adding noise to ``param`` now would train on inf/NaN, or None when it is safe."""
-    if not _is_finite(param):
-        return (
-            f"parameter {name!r} holds inf or NaN at noise step {step}, before noise was added: the optimizer step"
-            " produced it (check the loss, the learning rate and the gradients)."
-        )
-    if _may_overflow(param.dtype, alpha):
-        # The noise is a pure function of (seed, step, name): draw it here to check, and again to apply, rather
-        # than hold a float32 copy of every fp16 parameter. Out of place: param.float() is param itself for fp32.
-        updated = param.float() + _noise_for(name, param, alpha, scale, structure, seed, step)
-        if not bool(updated.abs().max() <= torch.finfo(param.dtype).max):
-            return (
-                f"noise would overflow parameter {name!r} ({param.dtype}) at noise step {step}; nothing was changed."
-                " Lower sigma or keep master weights in float32."
-            )
-    return None
+    noise, _ = standard_noise(LocalBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
+                              dev, compute_dtype)
+    finfo = torch.finfo(dtype)
+    return (noise * scale).clamp_(finfo.min, finfo.max).to(dtype)
 
 
 @torch.no_grad()
 def add_heavy_tailed_noise(
-    named_params: Iterable[tuple[str, Tensor]],
+    named_params: Iterable[tuple[str, Tensor] | NoiseTarget],
     alpha: float,
     scale: float,
     *,
@@ -226,12 +164,13 @@ def add_heavy_tailed_noise(
 ) -> NoiseStats:
     """Add ``scale * X`` in place to each parameter, X SaS(1) with the given structure, reproducibly.
 
-    The noise of parameter ``name`` is drawn from a generator seeded with ``derive_seed(seed, step, name)`` on the
-    parameter's own device, so it depends only on ``(seed, step, name)``: every DDP rank draws the same noise, and a
-    resumed run the same as an uninterrupted one.
+    The noise of parameter ``name`` is the counter-based stream ``noise_key(seed, step, name)`` read at the global
+    index of each entry (``"iid"``) or unit (``"neuron"``), on the parameter's own device, so it depends only on
+    ``(seed, step, name)``: every DDP rank draws the same noise, a resumed run the same as an uninterrupted one, and
+    a shard (see ``NoiseTarget``) exactly its slice. Names must therefore be distinct.
 
     Args:
-        named_params: ``(name, parameter)`` pairs, e.g. from ``select_parameters``.
+        named_params: ``(name, parameter)`` pairs, e.g. from ``select_parameters``, or ``NoiseTarget``s.
         alpha: stability index in (0, 2].
         scale: noise scale, usually ``noise_scale`` of the step's learning rate; 0 adds nothing.
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
@@ -248,7 +187,9 @@ def add_heavy_tailed_noise(
 
     Raises:
         NonFiniteParameterError: with ``on_nonfinite="raise"``, see above.
-        ValueError: on a bad argument.
+        ValueError: on a bad argument, or a name given twice (two models' ``named_parameters()`` concatenated: prefix
+            them), or one tensor under two names.
+        TypeError: for a tensor that is not real floating point.
 
     Examples:
         >>> from torch import nn
@@ -277,7 +218,7 @@ def check_noise_scale(scale: float, argument: str = "scale") -> None:
 
 @torch.no_grad()
 def add_heavy_tailed_noise_groups(
-    groups: Sequence[tuple[Sequence[tuple[str, Tensor]], float]],
+    groups: Sequence[tuple[Sequence[tuple[str, Tensor] | NoiseTarget], float]],
     alpha: float,
     *,
     structure: NoiseStructure = "iid",
@@ -293,7 +234,7 @@ def add_heavy_tailed_noise_groups(
     param groups (and learning rates) needs.
 
     Args:
-        groups: ``(named_params, scale)`` pairs.
+        groups: ``(named_params, scale)`` pairs; ``named_params`` as in ``add_heavy_tailed_noise``.
         alpha: stability index in (0, 2].
         structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         seed: base seed.
@@ -320,28 +261,9 @@ def add_heavy_tailed_noise_groups(
         check_noise_scale(scale)
     check_choice(structure, NOISE_STRUCTURES, "structure")
     check_choice(on_nonfinite, NONFINITE_POLICIES, "on_nonfinite")
-    stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
-    work = [(list(targets), float(scale)) for targets, scale in groups if scale > 0.0]
-    # Check everything before writing anything, so that "raise" leaves every parameter as the optimizer left it.
-    if on_nonfinite != "ignore":
-        for targets, scale in work:
-            for name, param in targets:
-                problem = _nonfinite_problem(name, param, alpha, scale, structure, seed, step)
-                if problem is None:
-                    continue
-                if on_nonfinite == "raise":
-                    raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
-                stats.skipped.append(name)
-    for targets, scale in work:
-        for name, param in targets:
-            if name in stats.skipped:
-                continue
-            noise = _noise_for(name, param, alpha, scale, structure, seed, step)
-            if track_max:
-                stats.max_abs_noise = max(stats.max_abs_noise or 0.0, float(noise.abs().max()))
-            if _is_narrow(param.dtype):
-                param.copy_(param.float().add_(noise))  # add in float32, round once
-            else:
-                param.add_(noise.to(param.dtype))
-            stats.noised.append(name)
-    return stats
+    check_int(seed, "seed", minimum=-(2**63))
+    check_int(step, "step")
+    scales = [float(scale) for items, scale in groups for _ in items]
+    plan = NoisePlan([item for items, _ in groups for item in items], structure)
+    return plan.apply(scales, float(alpha), seed=int(seed), step=int(step), on_nonfinite=on_nonfinite,
+                      track_max=track_max)

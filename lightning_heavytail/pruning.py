@@ -79,13 +79,18 @@ from lightning_heavytail.selection import (
 __all__ = [
     "MASK_METHODS",
     "PRUNING_METHODS",
+    "EpsilonPoint",
     "PruningCheck",
     "PruningCurve",
     "check_prunable",
+    "evaluate_at_epsilon",
+    "evaluate_at_ratios",
     "evaluate_pruning_curve",
     "level_label",
+    "prunable_units",
     "rng_preserved",
     "tensor_view",
+    "validate_epsilon",
     "validate_forward",
     "validate_method",
     "validate_sparsities",
@@ -435,14 +440,15 @@ class _Evaluator:
             return move_data_to_device(batch, self.device)
         raise ValueError("`dataloader` yielded no batch")
 
-    def __call__(self, model: nn.Module, method: str, level: float) -> dict[str, float]:
+    def __call__(self, model: nn.Module, where: str, pruned: bool) -> dict[str, float]:
+        """The metrics of ``model`` over the data; ``where`` and ``pruned`` say what is scored, for errors."""
         if self.collection is None:
             raise RuntimeError("_Evaluator used before its metrics were set")
         self.collection.reset()
         seen = False
         for batch in self.dataloader:
             preds, target = _checked_outputs(self.forward(model, move_data_to_device(batch, self.device)))
-            _check_finite(preds, f"method={method!r} at sparsity {level}", pruned=level > 0.0)
+            _check_finite(preds, where, pruned)
             self.collection.update(preds, target)
             seen = True
         if not seen:
@@ -533,6 +539,13 @@ def _probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: boo
         with recorder:
             out = forward(model, batch)
     preds, target = _checked_outputs(out)
+    if preds.is_floating_point() and not bool(torch.isfinite(preds).all()):
+        for name, tensor in tensor_view(model).named_parameters():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"Parameter {name!r} holds NaN or infinity, and the model's predictions on the first batch are not"
+                    " finite: nothing is scored."
+                )
     _check_finite(preds, "the unpruned model, on the first batch", pruned=False)
     if default_metric:
         _check_default_metric_inputs(preds, target)
@@ -800,14 +813,15 @@ def _select_targets(model: nn.Module, params: ParamSelector | None, exclude: Seq
             f"`params` selects complex tensors {complex_names} of {type(model).__name__}; magnitude pruning is defined"
             " here for real weights only. Leave them out with `exclude`."
         )
+    return _targets(model, [name for name, _ in selected]), left_out
+
+
+def _targets(model: nn.Module, names: Sequence[str]) -> list[_Target]:
+    """The tensors of ``model`` named as in ``tensor_view``, as targets to prune."""
     originals = _parametrized_originals(model)
     effective = {name: (module, attr) for name, module, attr in originals.values()}
     real = dict(model.named_parameters())
-    targets = [
-        _Target(name, None, *effective[name]) if name in effective else _Target(name, real[name])
-        for name, _ in selected
-    ]
-    return targets, left_out
+    return [_Target(name, None, *effective[name]) if name in effective else _Target(name, real[name]) for name in names]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -897,7 +911,7 @@ def _mask_curve(model: nn.Module, method: str, targets: Sequence[_Target], backu
                 target.prune(backup, score, threshold)
             zeros = sum(int((t.current() == 0).sum().item()) for t in targets)
             measured.append(zeros / total)
-            values.append(evaluate(model, method, level))
+            values.append(evaluate(model, f"method={method!r} at sparsity {level}", level > 0.0))
     return measured, values
 
 
@@ -1124,7 +1138,7 @@ def _structured_curve(model: nn.Module, targets: Sequence[_Target], levels: Sequ
         clone = plan.pruned_copy(model, level) if level > 0.0 else model  # the caller put `model` in eval mode
         measured.append(1.0 - _parameter_count(clone) / total)
         with torch.no_grad():
-            values.append(evaluate(clone, "structured", level))
+            values.append(evaluate(clone, f"method='structured' at sparsity {level}", level > 0.0))
         del clone
     return measured, values
 
@@ -1154,6 +1168,34 @@ def _validate_common(model: Any, forward_fn: Any, output_key: Any, metrics: Any,
         )
     validate_forward(forward_fn, output_key)
     return patterns
+
+
+@dataclass
+class _Run:
+    """What every evaluation entry point sets up before pruning anything."""
+
+    evaluate: _Evaluator
+    example: Any  # the first batch, on the device
+    forward: ForwardFn
+    probe: _Probe
+    exclude: tuple[str, ...]
+
+
+def _prepare_evaluation(model: Any, dataloader: Any, metrics: Any, forward_fn: Any, output_key: Any, exclude: Any,
+                        device: Any) -> _Run:
+    """Check the common arguments, run the first batch once (refusing what cannot be scored), set up the metrics."""
+    if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
+        raise ValueError(f"`dataloader` must be an iterable of batches, got {type(dataloader).__name__}")
+    patterns = _validate_common(model, forward_fn, output_key, metrics, exclude)
+    device_ = _resolve_device(model, device)
+    forward = _make_forward(forward_fn, output_key)
+    tensor_view(model)  # lazy parameters: refused before any forward could materialize them
+    evaluate = _Evaluator(dataloader, forward, device_)
+    example = evaluate.example_batch()
+    probe = _probe(model, example, forward, metrics is None, device_)
+    evaluate.collection = _metric_collection(metrics, probe.preds, device_)
+    _metric_names(evaluate.collection, probe.preds, probe.target)
+    return _Run(evaluate, example, forward, probe, patterns)
 
 
 def validate_forward(forward_fn: Any, output_key: Any) -> None:
@@ -1260,18 +1302,9 @@ def evaluate_pruning_curve(
     """
     levels = validate_sparsities(sparsities)
     method_name = _validate_single_method(method)
-    if isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable):
-        raise ValueError(f"`dataloader` must be an iterable of batches, got {type(dataloader).__name__}")
-    exclude = _validate_common(model, forward_fn, output_key, metrics, exclude)
-    device_ = _resolve_device(model, device)
-    forward = _make_forward(forward_fn, output_key)
-    tensor_view(model)  # lazy parameters: refused before any forward could materialize them
-    evaluate = _Evaluator(dataloader, forward, device_)
-    example = evaluate.example_batch()
-    probe = _probe(model, example, forward, metrics is None, device_)
-    evaluate.collection = _metric_collection(metrics, probe.preds, device_)
-    _metric_names(evaluate.collection, probe.preds, probe.target)
-    targets, _ = _select_targets(model, params, exclude, probe)
+    run = _prepare_evaluation(model, dataloader, metrics, forward_fn, output_key, exclude, device)
+    targets, _ = _select_targets(model, params, run.exclude, run.probe)
+    evaluate, example, forward = run.evaluate, run.example, run.forward
 
     masked = targets if method_name in MASK_METHODS else []
     with torch.no_grad():
@@ -1414,3 +1447,270 @@ def level_label(level: float) -> str:
     text = np.format_float_positional(float(level), trim="-", unique=True)
     whole, _, decimals = text.partition(".")
     return f"{whole}.{decimals.ljust(2, '0')}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The epsilon point: the paper's measure of compressibility
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EpsilonPoint:
+    """The model pruned at the epsilon point of Wan et al. (2024), see ``evaluate_at_epsilon``.
+
+    Attributes:
+        epsilon: the budget, a share of each layer's squared Frobenius norm.
+        ratios: parameter name -> pruned units / units of that parameter.
+        ratio: pruned units summed / units summed over the parameters.
+        metrics: metric name -> value of the model with exactly those units zeroed (no fine-tuning).
+
+    Examples:
+        >>> point = EpsilonPoint(0.1, {"hidden.weight": 0.5}, 0.5, {"accuracy": 0.9})
+        >>> EpsilonPoint.from_dict(point.to_dict()) == point
+        True
+    """
+
+    epsilon: float
+    ratios: dict[str, float]
+    ratio: float
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict with the fields ``epsilon``, ``ratios``, ``ratio``, ``metrics``."""
+        return {
+            "epsilon": float(self.epsilon),
+            "ratios": {str(k): float(v) for k, v in self.ratios.items()},
+            "ratio": float(self.ratio),
+            "metrics": {str(k): float(v) for k, v in self.metrics.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpsilonPoint:
+        """Rebuild a point from ``to_dict``'s output."""
+        return cls(
+            epsilon=float(data["epsilon"]),
+            ratios={str(k): float(v) for k, v in data["ratios"].items()},
+            ratio=float(data["ratio"]),
+            metrics={str(k): float(v) for k, v in data["metrics"].items()},
+        )
+
+
+def validate_epsilon(epsilon: Any, argument: str = "epsilon") -> float:
+    """Check an epsilon budget: a real number in [0, 1] (a share of the squared norm).
+
+    Raises:
+        ValueError: naming the argument and the value given.
+
+    Examples:
+        >>> validate_epsilon(0.1)
+        0.1
+        >>> validate_epsilon(2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `epsilon` must be a number in [0, 1] (a share of the squared norm), got 2
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= float(epsilon) <= 1.0:
+        raise ValueError(f"`{argument}` must be a number in [0, 1] (a share of the squared norm), got {epsilon!r}")
+    return float(epsilon)
+
+
+def _unit_squared_norms(weight: Tensor) -> Tensor:
+    """Squared l2 norm of each unit (slice along dim 0; every entry of a 1-D tensor), in float64."""
+    return weight.detach().reshape(weight.shape[0], -1).to(torch.float64).square().sum(dim=1)
+
+
+def prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
+    r"""The paper's rule: how many units of ``weight`` can be zeroed within ``epsilon`` of its squared norm.
+
+    Units are the slices along dim 0 (rows of a Linear weight, filters of a conv kernel; every entry of a 1-D
+    tensor). With their squared l2 norms in ascending order, ``q_(1) <= ... <= q_(N)``, the count is the largest
+    ``j`` with ``q_(1) + ... + q_(j) <= epsilon * (q_(1) + ... + q_(N))`` (Wan et al., 2024). Sums are float64
+    cumulative sums in that order (so ``epsilon = 1`` counts every unit); the comparison is exact (``<=``). Units of
+    norm 0 always count, also at ``epsilon = 0``.
+
+    Args:
+        weight: a finite tensor with at least one dimension (not checked here; see ``fraction_prunable``).
+        epsilon: the budget in [0, 1] (not checked here; see ``validate_epsilon``).
+
+    Returns:
+        ``(prunable, units)``.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [0.0, 3.0]])  # squared norms 1, 1, 8, 9
+        >>> prunable_units(w, 0.1), prunable_units(w, 0.2), prunable_units(w, 1.0)  # budgets 1.9, 3.8, 19
+        ((1, 4), (2, 4), (4, 4))
+    """
+    cumulative = _sort_ascending(_unit_squared_norms(weight)).cumsum(dim=0)
+    budget = epsilon * cumulative[-1].item()
+    return int((cumulative <= budget).sum().item()), int(cumulative.numel())
+
+
+def _smallest_unit_ranks(weight: Tensor) -> Tensor:
+    """Each unit's position in ascending order of squared norm (ties by index), shaped to broadcast on ``weight``."""
+    order = torch.argsort(_unit_squared_norms(weight), stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks.reshape(-1, *([1] * (weight.ndim - 1)))
+
+
+def _evaluate_units_zeroed(model: nn.Module, targets: Sequence[_Target], counts: dict[str, int],
+                           evaluate: _Evaluator, where: str) -> dict[str, float]:
+    """Metrics of ``model`` with the ``counts[name]`` smallest units of each target zeroed; model restored."""
+    with torch.no_grad():
+        backups = [t.current().detach().clone() for t in targets]
+    touched = [(t.param, b) for t, b in zip(targets, backups, strict=True) if t.param is not None]
+    with _model_preserved(model, touched):
+        model.eval()
+        with torch.no_grad(), _masks_attached(targets):
+            for target, backup in zip(targets, backups, strict=True):
+                count = counts[target.name]
+                # the ranks are unique, so exactly `count` units are zeroed, also when norms tie
+                target.prune(backup, _smallest_unit_ranks(backup), float(count - 1) if count else None)
+            return evaluate(model, where, any(counts.values()))
+
+
+def _check_finite_weights(targets: Sequence[_Target]) -> None:
+    for target in targets:
+        if not bool(torch.isfinite(target.current().detach()).all().item()):
+            raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: its units cannot be ranked by norm")
+
+
+def evaluate_at_epsilon(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    epsilon: float = 0.1,
+    metrics: Metric | MetricCollection | None = None,
+    forward_fn: ForwardFn | None = None,
+    output_key: OutputKey | None = None,
+    params: ParamSelector | None = None,
+    exclude: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> EpsilonPoint:
+    r"""The paper's measurement: prune each selected layer at the epsilon point and evaluate, no fine-tuning.
+
+    For each selected parameter, independently: units are the slices along dim 0 (rows of a Linear weight, filters
+    of a conv kernel), ranked by squared l2 norm, smallest first; the largest number of them whose squared norms sum
+    to at most ``epsilon * ||W||_F^2`` is zeroed (``prunable_units``; the authors' criterion, ``epsilon = 0.1`` in
+    their code). Where norms tie at the cut, the units of lower index go first, so exactly that many units are
+    zeroed. The model is then evaluated once with all those units zeroed.
+
+    Args:
+        model: any ``nn.Module``.
+        dataloader: any iterable of batches, iterated once.
+        epsilon: the budget per layer, a share of its squared Frobenius norm, in [0, 1].
+        metrics: as in ``evaluate_pruning_curve`` (default: micro-averaged multiclass accuracy, key ``"accuracy"``).
+        forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(inputs, target)``.
+        output_key: as in ``evaluate_pruning_curve``.
+        params: which tensors are pruned, as in ``evaluate_pruning_curve``; default ``None``: the weights the forward
+            pass uses, never the output layer (nor the first conv). A parametrized weight is pruned as its effective
+            weight.
+        exclude: glob patterns of parameter names to leave unpruned.
+        device: where batches and metrics go; default: the device of the model's first parameter.
+
+    Returns:
+        ``EpsilonPoint`` with ``ratios[name]`` = pruned units / units of that parameter, ``ratio`` = pruned units
+        summed / units summed (the definition of ``compressibility_report``'s ``fraction_prunable/total``) and the
+        metrics of the pruned model.
+
+    Raises:
+        ValueError: on a bad argument (named in the message), an empty dataloader, an output that cannot be scored
+            (as in ``evaluate_pruning_curve``), nothing selected, or a selected parameter holding NaN or infinity.
+
+    After return or an exception, every parameter and buffer of ``model`` is bitwise equal to before, and the
+    train/eval mode of every submodule and each parameter's ``requires_grad`` are as they were.
+
+    To prune another model to the ratios found here (e.g. a vanilla network to a heavy-tailed one's ratio), pass
+    ``point.ratios`` to ``evaluate_at_ratios``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([[0.1, 0.0], [0.0, 0.2], [1.0, 0.0], [0.0, 1.0]]))
+        >>> data = [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]
+        >>> point = evaluate_at_epsilon(net, data)  # squared norms 0.01, 0.04, 1, 1: budget 0.205 fits two
+        >>> point.ratios, point.ratio, list(point.metrics)
+        ({'0.weight': 0.5}, 0.5, ['accuracy'])
+    """
+    eps = validate_epsilon(epsilon)
+    run = _prepare_evaluation(model, dataloader, metrics, forward_fn, output_key, exclude, device)
+    targets, _ = _select_targets(model, params, run.exclude, run.probe)
+    _check_finite_weights(targets)
+    counted = {t.name: prunable_units(t.current(), eps) for t in targets}
+    counts = {name: k for name, (k, _) in counted.items()}
+    values = _evaluate_units_zeroed(model, targets, counts, run.evaluate, f"the epsilon point (epsilon={eps})")
+    return EpsilonPoint(
+        epsilon=eps,
+        ratios={name: k / units for name, (k, units) in counted.items()},
+        ratio=sum(k for k, _ in counted.values()) / sum(units for _, units in counted.values()),
+        metrics=values,
+    )
+
+
+def evaluate_at_ratios(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    ratios: Mapping[str, float],
+    *,
+    metrics: Metric | MetricCollection | None = None,
+    forward_fn: ForwardFn | None = None,
+    output_key: OutputKey | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` with a given share of the smallest units of each named parameter zeroed.
+
+    For each ``name, r`` in ``ratios``, the ``round(r * units)`` units (slices along dim 0) of parameter ``name``
+    with the smallest l2 norm are zeroed, ties broken by index as in ``evaluate_at_epsilon``; each parameter gets its
+    own ratio. Passing the ``ratios`` of an ``EpsilonPoint`` of a model of the same shape zeroes exactly as many units
+    per layer as that point did (``r = k / units``, so ``round(r * units) = k``): "model A pruned to model B's
+    epsilon ratio".
+
+    For a single layer this is the ``"neuron"`` method of ``evaluate_pruning_curve`` at the level ``r``, which
+    also zeroes the ``round(r * units)`` units of smallest norm, except when norms tie at its threshold (there it
+    zeroes every tied unit). For several layers, the curve applies one level to every layer; this function applies
+    each layer its own ratio, which is what pruning to another model's per-layer epsilon point needs.
+
+    Args:
+        model: any ``nn.Module``.
+        dataloader: any iterable of batches, iterated once.
+        ratios: tensor name (as in ``tensor_view(model)``: the parameter's name, or a parametrized layer's
+            ``layer.weight``) -> share of its units to zero, in [0, 1].
+        metrics: as in ``evaluate_pruning_curve``.
+        forward_fn: as in ``evaluate_pruning_curve``.
+        output_key: as in ``evaluate_pruning_curve``.
+        device: as in ``evaluate_pruning_curve``.
+
+    Returns:
+        Metric name -> value of the pruned model. The model is left bitwise as it was, as in
+        ``evaluate_at_epsilon``.
+
+    Raises:
+        ValueError: on a bad argument: ``ratios`` empty, naming a parameter the model does not have (the message
+            lists the names it has), or holding a value outside [0, 1]; a named parameter holding NaN or infinity.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> data = [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]
+        >>> list(evaluate_at_ratios(net, data, {"0.weight": 0.5}))
+        ['accuracy']
+    """
+    if not isinstance(ratios, Mapping) or not ratios:
+        raise ValueError(f"`ratios` must be a non-empty mapping of parameter names to shares in [0, 1], got {ratios!r}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    named = dict(tensor_view(model).named_parameters())
+    for name, ratio in ratios.items():
+        if name not in named:
+            raise ValueError(
+                f"`ratios` names {name!r}, which is not a parameter of {type(model).__name__}; it has {sorted(named)!r}"
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"`ratios[{name!r}]` must be a number in [0, 1] (a share of the units), got {ratio!r}")
+    run = _prepare_evaluation(model, dataloader, metrics, forward_fn, output_key, (), device)
+    targets = _targets(model, list(ratios))
+    _check_finite_weights(targets)
+    counts = {t.name: round(float(ratios[t.name]) * t.current().shape[0]) for t in targets}
+    return _evaluate_units_zeroed(model, targets, counts, run.evaluate, "the given ratios")

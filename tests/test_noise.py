@@ -7,12 +7,17 @@ import torch
 from torch import nn
 
 from lightning_heavytail.noise import (
+    NoiseTarget,
     NonFiniteParameterError,
     add_heavy_tailed_noise,
+    add_heavy_tailed_noise_groups,
     draw_noise,
+    name_key,
+    noise_key,
     noise_scale,
 )
-from lightning_heavytail.stable import derive_seed, sample_stable
+from lightning_heavytail.sharding import LocalBlock
+from lightning_heavytail.stable import derive_key, stable_at
 
 
 def test_noise_scale_follows_lr_to_the_one_over_alpha():
@@ -44,9 +49,10 @@ def test_noise_is_a_pure_function_of_seed_step_and_name():
     assert not torch.equal(a["x"], a["y"])
     assert not torch.equal(a["x"], noised(["x"], seed=1, step=6)["x"])
     assert not torch.equal(a["x"], noised(["x"], seed=2, step=5)["x"])
-    # and it is exactly scale * sample_stable from the derived seed
-    g = torch.Generator().manual_seed(derive_seed(1, 5, "x"))
-    assert torch.equal(a["x"], sample_stable(1.8, (6, 4), generator=g))
+    # and it is exactly scale * the stream noise_key(seed, step, name) read at each entry's flat index
+    assert torch.equal(a["x"], stable_at(1.8, noise_key(1, 5, "x"), range(24)).reshape(6, 4))
+    step_key, words = derive_key(1, 5), name_key("x")
+    assert noise_key(1, 5, "x") == (step_key[0] ^ words[0], step_key[1] ^ words[1])
 
 
 @pytest.mark.parametrize("structure", ["iid", "elliptical"])
@@ -159,3 +165,80 @@ def test_heavy_alpha_below_one_half_is_checked_for_float32_overflow():
     with pytest.raises(NonFiniteParameterError, match="overflow"):  # at alpha 0.1, |X| > 1e20 for ~1% of draws
         add_heavy_tailed_noise([("w", weight)], alpha=0.1, scale=1e15, seed=0, step=0)
     assert torch.equal(weight, before)
+
+
+def test_a_name_given_twice_is_refused_before_anything_is_written():
+    # e.g. two models' named_parameters() concatenated: both "weight" tensors would get identical noise
+    a, b = nn.Linear(3, 2, bias=False), nn.Linear(3, 2, bias=False)
+    before = [a.weight.detach().clone(), b.weight.detach().clone()]
+    with pytest.raises(ValueError, match=r"'weight' is given twice.*identical noise"):
+        add_heavy_tailed_noise([*a.named_parameters(), *b.named_parameters()], 1.8, 0.1)
+    with pytest.raises(ValueError, match="'w' is given twice"):
+        add_heavy_tailed_noise_groups([([("w", a.weight)], 0.1), ([("w", b.weight)], 0.2)], 1.8)
+    with pytest.raises(ValueError, match="same tensor is given as 'x' and as 'y'"):
+        add_heavy_tailed_noise([("x", a.weight), ("y", a.weight)], 1.8, 0.1)
+    assert torch.equal(a.weight, before[0]) and torch.equal(b.weight, before[1])
+
+
+def test_complex_and_integer_tensors_are_refused_with_their_name():
+    with pytest.raises(TypeError, match=r"'c' must be a real floating point tensor.*complex64"):
+        add_heavy_tailed_noise([("c", torch.zeros(2, 2, dtype=torch.complex64))], 1.8, 0.1)
+    with pytest.raises(TypeError, match=r"'i' must be a real floating point tensor.*int64"):
+        add_heavy_tailed_noise([("i", torch.zeros(2, 2, dtype=torch.int64))], 1.8, 0.1)
+
+
+@pytest.mark.parametrize("structure", ["iid", "neuron", "elliptical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_block_of_a_parameter_gets_exactly_its_slice_of_the_whole_noise(structure, dtype):
+    # What sharding relies on: the noise is drawn by global index, so any block (rows i..j as FSDP shards them,
+    # columns as tensor parallelism does, an empty block) gets the slice the whole tensor would get.
+    whole = torch.zeros(7, 5, 3, dtype=dtype)
+    add_heavy_tailed_noise([("w", whole)], 1.6, 0.1, structure=structure, seed=4, step=9)
+    for offsets, local in [((0, 0, 0), (3, 5, 3)), ((3, 0, 0), (4, 5, 3)), ((6, 0, 0), (1, 5, 3)),
+                           ((0, 2, 0), (7, 3, 3)), ((2, 1, 1), (3, 2, 2)), ((7, 0, 0), (0, 5, 3))]:
+        part = torch.zeros(local, dtype=dtype)
+        block = LocalBlock.from_offsets(whole.shape, offsets, local)
+        add_heavy_tailed_noise([NoiseTarget("w", part, block)], 1.6, 0.1, structure=structure, seed=4, step=9)
+        index = tuple(slice(o, o + n) for o, n in zip(offsets, local, strict=True))
+        assert torch.equal(part, whole[index]), (offsets, local)
+
+
+def test_noise_accepts_numpy_integers_for_seed_and_step():
+    p, q = torch.zeros(3, 3), torch.zeros(3, 3)
+    add_heavy_tailed_noise([("w", p)], 1.8, 0.1, seed=np.int64(3), step=np.int32(2))
+    add_heavy_tailed_noise([("w", q)], np.float32(1.8), 0.1, seed=3, step=2)
+    assert torch.equal(p, q) and bool((p != 0).all())
+
+
+@pytest.mark.parametrize("structure", ["iid", "neuron", "elliptical"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_batched_noise_is_bitwise_the_noise_each_parameter_gets_alone(structure, dtype):
+    # Many small parameters share one sampler call and one _foreach_add_ per shape; that must not change a bit.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4, 3), (7,), (2, 3, 2), (4, 3), (1, 5), ()]
+    params = [torch.randn(shape, generator=g).to(dtype) for shape in shapes]
+    names = [f"p{i}" for i in range(len(shapes))]
+    together = [p.clone() for p in params]
+    groups = [([(n, p) for n, p in zip(names[:4], together[:4], strict=True)], 0.1),
+              ([(n, p) for n, p in zip(names[4:], together[4:], strict=True)], 0.03)]
+    stats = add_heavy_tailed_noise_groups(groups, 1.6, structure=structure, seed=8, step=2, track_max=True)
+    largest = 0.0
+    for i, (name, param) in enumerate(zip(names, params, strict=True)):
+        alone = param.clone()
+        scale = 0.1 if i < 4 else 0.03
+        single = add_heavy_tailed_noise([(name, alone)], 1.6, scale, structure=structure, seed=8, step=2,
+                                        track_max=True)
+        assert torch.equal(alone, together[i]), (name, shapes[i])
+        largest = max(largest, single.max_abs_noise)
+    assert stats.max_abs_noise == largest and set(stats.paths.values()) == {"eager"}
+
+
+def test_fp16_noise_is_added_in_float32_and_rounded_once():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(8, 8, generator=g).half() for _ in range(3)]
+    before = [p.clone() for p in params]
+    add_heavy_tailed_noise([(f"h{i}", p) for i, p in enumerate(params)], 1.7, 0.01, structure="iid", seed=3, step=1)
+    for i, (p, b) in enumerate(zip(params, before, strict=True)):
+        noise = torch.zeros(8, 8)
+        add_heavy_tailed_noise([(f"h{i}", noise)], 1.7, 0.01, structure="iid", seed=3, step=1)
+        assert torch.equal(p, (b.float() + noise).half())

@@ -593,8 +593,11 @@ def test_nan_predictions_are_never_scored() -> None:
     broken = tiny_mlp()
     with torch.no_grad():
         broken[0].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="the unpruned model gives them"):
+    with pytest.raises(ValueError, match=r"Parameter '0.weight' holds NaN or infinity.*nothing is scored"):
         evaluate_pruning_curve(broken, batches(), (0.0, 0.5))
+    with pytest.raises(ValueError, match="the unpruned model gives them"):  # finite weights, infinite inputs
+        evaluate_pruning_curve(tiny_mlp(), [(torch.full((4, 6), float("inf")), torch.zeros(4, dtype=torch.long))],
+                               (0.0, 0.5))
 
 
 # ---------------------------------------------------------------------------- issue 8: what cannot be scored (12)

@@ -27,7 +27,7 @@ from lightning_heavytail import stable as stable_module
 
 P_MIN = 1e-4
 ALPHAS = [0.5, 1.0, 1.5, 1.8, 2.0]
-LARGE = stable_module._LARGE_NUMEL  # from here on, CPU float32 draws use the counter-based uniforms
+LARGE = stable_module.COMPILE_MIN_DRAWS  # from here on, draws go through the compiled kernel where available
 COMPILE_ENV = stable_module._COMPILE_ENV
 
 
@@ -148,44 +148,92 @@ def test_shape_and_dtype() -> None:
     assert sample_stable(1.5, 3, generator=_gen(0), dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-# ------------------------------------------------------------------------------------- large tensors (counter path)
+# ------------------------------------------------------------------------------------- the counter-based uniforms
 
 
-def _splitmix64_reference(key: int, index: int) -> int:
-    """SplitMix64 output number ``index`` (1-based) from state ``key``, as in Vigna's C reference."""
+def _mix64_reference(z: int) -> int:
     mask = (1 << 64) - 1
-    z = (key + index * 0x9E3779B97F4A7C15) & mask
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return z ^ (z >> 31)
 
 
-def _check_counter_uniforms(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], key: int, count: int) -> None:
-    u_v, u_w = fn(torch.tensor(key, dtype=torch.int64), 0, count)
-    # head, a vector-width boundary, and the scalar tail of a length that is not a multiple of the vector width
+def _counter_bits_reference(k1: int, k2: int, counter: int, word: int = 0) -> int:
+    """SplitMix64 output ``counter + 1`` of state k1 (Vigna's C reference), finalized again after xor with k2."""
+    mask = (1 << 64) - 1
+    k2 = k2 ^ (0xA4093822299F31D0 if word else 0)
+    return _mix64_reference(_mix64_reference((k1 + (counter + 1) * 0x9E3779B97F4A7C15) & mask) ^ (k2 & mask))
+
+
+def _check_counter_uniforms(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], key: tuple[int, int],
+                            count: int) -> None:
+    k1, k2 = (torch.tensor(word, dtype=torch.int64) for word in key)
+    u_v, u_w = fn(k1, k2, torch.arange(count), torch.float32)
+    # head, a vector-width boundary, and the tail of a length that is not a multiple of the vector width
     for i in [0, 1, 2, 7, 8, 9, 15, 16, count // 2, count - 9, count - 2, count - 1]:
-        z = _splitmix64_reference(key % (1 << 64), i + 1)
-        assert u_v[i].item() == (z >> 40) * 2.0**-24, i
-        assert u_w[i].item() == (z & 0xFFFFFF) * 2.0**-24, i
+        z = _counter_bits_reference(key[0] % (1 << 64), key[1] % (1 << 64), i)
+        assert u_v[i].item() == ((z >> 41) + 0.5) * 2.0**-23, i
+        assert u_w[i].item() == ((z & 0x7FFFFF) + 0.5) * 2.0**-23, i
+    f1, f2 = fn(k1, k2, torch.arange(count), torch.float64)
+    for i in [0, 1, count - 1]:
+        for word, u in enumerate((f1, f2)):
+            z = _counter_bits_reference(key[0] % (1 << 64), key[1] % (1 << 64), i, word)
+            assert u[i].item() == ((z >> 12) + 0.5) * 2.0**-52, (i, word)
 
 
-@pytest.mark.parametrize("key", [0, 12345, -1234567890123456789, (1 << 63) - 1, -(1 << 63)])
-def test_counter_uniforms_are_splitmix64(key: int) -> None:
-    _check_counter_uniforms(stable_module._counter_uniforms, key, 1003)
+@pytest.mark.parametrize("key", [(0, 0), (12345, -7), (-1234567890123456789, 99), ((1 << 63) - 1, -(1 << 63))])
+def test_counter_uniforms_are_the_documented_splitmix64_words(key: tuple[int, int]) -> None:
+    _check_counter_uniforms(stable_module._uniform_pair, key, 1003)
 
 
-def test_counter_uniforms_are_uniform_and_independent() -> None:
-    u_v, u_w = stable_module._counter_uniforms(torch.tensor(2024), 0, 1 << 20)
+def test_counter_uniforms_are_uniform_independent_and_strictly_inside_the_unit_interval() -> None:
+    u_v, u_w = stable_module._uniform_pair(torch.tensor(2024), torch.tensor(7), torch.arange(1 << 20), torch.float32)
     for u in (u_v, u_w):
-        # exactly on the torch.rand float32 grid k * 2**-24, k in [0, 2**24)
-        k = u.double() * 2.0**24
-        assert bool((k == k.round()).all()) and float(k.min()) >= 0 and float(k.max()) < 2**24
+        k = u.double() * 2.0**23 - 0.5  # on the grid (k + 0.5) * 2**-23, k in [0, 2**23)
+        assert bool((k == k.round()).all()) and float(k.min()) >= 0 and float(k.max()) < 2**23
         assert scipy.stats.kstest(u.numpy(), "uniform").pvalue > P_MIN
     # joint uniformity of the pair on a 32 x 32 grid (chi-square), and of consecutive V's
     for a, b in [(u_v, u_w), (u_v[:-1], u_v[1:])]:
         cells = (a * 32).long() * 32 + (b * 32).long()
         counts = torch.bincount(cells, minlength=1024).numpy()
         assert scipy.stats.chisquare(counts).pvalue > P_MIN
+
+
+def test_no_uniform_is_zero_or_one_so_no_draw_sits_on_an_atom() -> None:
+    # The extreme words (all zero bits, all one bits) give the extreme uniforms: strictly inside (0, 1). Before, a
+    # uniform of exactly 0 (probability 2**-24) was clamped to the smallest float, a 13-sigma Gaussian draw.
+    extremes = torch.tensor([0, -1], dtype=torch.int64)
+    for u in (*stable_module._float32_uniforms(extremes), stable_module._float64_uniform(extremes)):
+        assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    low, _ = stable_module._float32_uniforms(extremes)
+    assert float(low.min()) == 2.0**-24 and float(low.max()) == 1 - 2.0**-24
+    # so alpha = 2 draws (2 sin(V) sqrt(W)) are bounded by 2 sqrt(24 log 2), about 5.8 standard deviations of N(0, 2)
+    bound = 2 * math.sqrt(-math.log(2.0**-24))
+    x = sample_stable(2.0, 1 << 22, generator=_gen(11))
+    assert float(x.abs().max()) <= bound
+    assert float(x.abs().max()) > 0.7 * bound  # the tail is still reached
+
+
+def test_stream_keys_have_128_bits_and_no_step_repeats_another_over_300k_steps() -> None:
+    # Before, the CPU generator kept 32 bits of the seed: over 300k steps of one parameter some steps drew exactly the
+    # noise of an earlier one. Every step's first draws must differ.
+    from lightning_heavytail.stable import derive_key
+
+    keys = torch.tensor([derive_key(0, step, "hidden.weight") for step in range(300_000)], dtype=torch.int64)
+    assert torch.unique(keys, dim=0).shape[0] == keys.shape[0]
+    assert torch.unique(keys[:, 0]).numel() == keys.shape[0]  # each 64-bit word alone is already distinct
+    draws = stable_module._draws("stable", keys[:, :1], keys[:, 1:], torch.arange(4), 1.8, torch.float32)
+    assert torch.unique(draws, dim=0).shape[0] == keys.shape[0]
+
+
+def test_a_block_of_a_stream_is_the_same_slice_of_the_whole_stream_on_both_kernels() -> None:
+    from lightning_heavytail.stable import derive_key, stable_at
+
+    key = derive_key(5, 1, "w")
+    whole = stable_at(1.7, key, range(5000), path="eager")
+    assert torch.equal(whole[1234:3210], stable_at(1.7, key, range(1234, 3210), path="eager"))
+    scattered = torch.tensor([4999, 0, 17, 17, 2500])
+    assert torch.equal(whole[scattered], stable_at(1.7, key, scattered, path="eager"))
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.8])
@@ -195,25 +243,43 @@ def test_large_tensors_eager_path_law(alpha: float, no_compile: None) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_counter_uniforms_are_splitmix64() -> None:
-    compiled = torch.compile(stable_module._counter_uniforms, dynamic=True)
-    _check_counter_uniforms(compiled, -1234567890123456789, LARGE + 3)
+def test_compiled_counter_uniforms_are_the_documented_words() -> None:
+    compiled = torch.compile(stable_module._uniform_pair, dynamic=True)
+    _check_counter_uniforms(compiled, (-1234567890123456789, 42), LARGE + 3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_path_agrees_with_eager_path(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_path_agrees_with_eager_path_to_rounding(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     shape = (1024, 1024 + 3)  # >= 2**20 elements, not a multiple of the vector width
     for alpha in (0.5, 1.0, 1.5, 1.8, 2.0):
         monkeypatch.setenv(COMPILE_ENV, "1")
+        assert stable_module.choose_path(math.prod(shape), "cpu") == "compiled"
         compiled = sample_stable(alpha, shape, generator=_gen(13), dtype=dtype)
-        kind = "counter" if dtype == torch.float32 else "transform"
-        assert stable_module._compiled(kind, torch.device("cpu")) is not None
         assert not stable_module._compile_failed
         monkeypatch.setenv(COMPILE_ENV, "0")
+        assert stable_module.choose_path(math.prod(shape), "cpu") == "eager"
         eager = sample_stable(alpha, shape, generator=_gen(13), dtype=dtype)
         assert compiled.dtype == eager.dtype == dtype
+        # the same formula, rounded differently by the fused kernel: equal to float rounding, not bitwise
         torch.testing.assert_close(compiled, eager, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_are_slices_of_the_compiled_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a sharded run relies on: on one kernel, a block (range or scattered indices) of a stream is bitwise the
+    # slice of the whole, whatever its length and offset (vector-width tails included).
+    from lightning_heavytail.stable import derive_key, stable_at
+
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    key = derive_key(9, 3, "big")
+    for dtype in (torch.float32, torch.float64):
+        whole = stable_at(1.75, key, range(LARGE + 5), dtype=dtype, path="compiled")
+        for start, count in [(1, 1000), (3, 77), (12345, 513), (LARGE, 5), (7, LARGE // 2)]:
+            part = stable_at(1.75, key, range(start, start + count), dtype=dtype, path="compiled")
+            assert torch.equal(part, whole[start:start + count]), (dtype, start, count)
+        scattered = torch.randint(0, LARGE + 5, (4099,), generator=_gen(0))
+        assert torch.equal(stable_at(1.75, key, scattered, dtype=dtype, path="compiled"), whole[scattered])
 
 
 @pytest.mark.slow
@@ -258,24 +324,26 @@ def test_half_precision_is_float32_arithmetic_clipped(dtype: torch.dtype, n: int
 @pytest.mark.slow
 def test_no_nan_or_inf_in_float32_over_millions_of_draws() -> None:
     for alpha in [0.5, 0.55, 0.75, 0.9, 0.99, 1.0, 1.01, 1.25, 1.5, 1.75, 1.9, 1.99, 2.0]:
-        x = sample_stable(alpha, 1 << 22, generator=_gen(18))  # counter path (compiled where available)
+        x = sample_stable(alpha, 1 << 22, generator=_gen(18))  # compiled where available
         assert bool(torch.isfinite(x).all()), alpha
-        y = sample_stable(alpha, LARGE - 1, generator=_gen(18))  # torch.rand path
+        y = sample_stable(alpha, LARGE - 1, generator=_gen(18))  # eager
         assert bool(torch.isfinite(y).all()), alpha
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_endpoint_uniforms_give_finite_draws(dtype: torch.dtype) -> None:
-    # The guards, at the extreme uniforms a draw can meet: torch.rand and the counter uniforms lie on the grid
-    # k * 2**-24 in float32 (k * 2**-53 in float64), k from 0 up to but excluding 2**24 (2**53).
+    # The guards, at the extreme uniforms a draw can meet: (k + 0.5) * 2**-23 in float32 and (k + 0.5) * 2**-52 in
+    # float64, so from 2**-24 (2**-53) up to 1 - 2**-24 (1 - 2**-53).
     bits = 24 if dtype == torch.float32 else 53
-    edges = torch.tensor([0.0, 2.0**-bits, 2.0**-24, 0.5, 1 - 2.0**-24, 1 - 2.0**-bits], dtype=dtype)
+    edges = torch.tensor([2.0**-bits, 2.0**-24, 0.5, 1 - 2.0**-24, 1 - 2.0**-bits], dtype=dtype)
     assert float(edges.max()) < 1.0
     u_v, u_w = torch.meshgrid(edges, edges, indexing="ij")
-    v_max = stable_module._V_MAX_F32 if dtype == torch.float32 else stable_module._V_MAX
     for alpha in [0.5, 0.51, 0.75, 0.99, 1.0, 1.01, 1.5, 1.99, 2.0]:
-        x = stable_module._cms_transform(u_v.ravel(), u_w.ravel(), alpha, v_max, stable_module._EXP_ARG_MAX[dtype])
+        x = stable_module._cms_transform(u_v.ravel(), u_w.ravel(), alpha)
         assert bool(torch.isfinite(x).all()), (alpha, x)
+        if alpha < 1.0:
+            a = stable_module._kanter_transform(u_v.ravel(), u_w.ravel(), alpha)
+            assert bool(torch.isfinite(a).all() and (a > 0).all()), (alpha, a)
 
 
 # ------------------------------------------------------------------------------------- positive stable
@@ -389,3 +457,26 @@ def test_bad_dtype_names_the_argument(dtype: torch.dtype) -> None:
 def test_bad_positive_stable_alpha_names_the_argument(alpha: float) -> None:
     with pytest.raises(ValueError, match=r"`alpha`.*\(0, 1\].*got"):
         sample_positive_stable(alpha, 3)
+
+
+def test_a_scale_that_overflows_float32_is_clipped_to_the_finite_range() -> None:
+    # alpha 0.1 reaches ~1e35: times 1e3 overflowed float32 to inf, though the docs promise no inf
+    x = sample_stable(0.1, 10**6, scale=1e3, generator=_gen(30))
+    assert bool(torch.isfinite(x).all())
+    assert float(x.abs().max()) == torch.finfo(torch.float32).max  # the clip is exercised
+
+
+@pytest.mark.parametrize("shape", [-1, (2, -3), (2.5,), "3", (True, 2)])
+def test_bad_shape_names_the_argument(shape: object) -> None:
+    with pytest.raises(ValueError, match=r"`shape` must be an int >= 0 or a sequence of ints >= 0, got"):
+        sample_stable(1.5, shape)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`shape`"):
+        sample_positive_stable(0.5, shape)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers() -> None:
+    a = sample_stable(np.float64(1.5), np.int64(5), scale=np.float32(2.0), generator=_gen(31))
+    b = sample_stable(1.5, 5, scale=2.0, generator=_gen(31))
+    assert torch.equal(a, b)
+    assert sample_stable(1.5, (np.int64(2), np.int32(3)), generator=_gen(31)).shape == (2, 3)
+    assert sample_positive_stable(np.float64(0.5), 4, generator=_gen(31)).shape == (4,)

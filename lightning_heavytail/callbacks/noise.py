@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import random
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -19,32 +21,69 @@ from lightning_heavytail._checks import check_alpha, check_choice, check_int, ch
 from lightning_heavytail.noise import (
     NOISE_STRUCTURES,
     NONFINITE_POLICIES,
+    NoisePlan,
     NoiseStructure,
     NonFinitePolicy,
-    add_heavy_tailed_noise_groups,
     check_noise_scale,
     noise_scale,
 )
-from lightning_heavytail.selection import ParamSelector, select_parameters, validate_exclude, validate_selector
+from lightning_heavytail.selection import (
+    ParamSelector,
+    select_parameters,
+    uninitialized_parameters,
+    validate_exclude,
+    validate_selector,
+)
 
 SYNC_MODES = ("seed", "broadcast")
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+# The settings a checkpoint records; a resume that changes one of them is told so (the step count continues).
+_SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "seed", "start_step", "stop_step")
+# The code object of torch's step wrapper (Optimizer.profile_hook_step), which calls the step hooks: its frames on the
+# stack tell a nested step (an optimizer subclass whose step calls super().step()) from the outermost one.
+_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
 
 
-def check_strategy_supported(strategy: object) -> None:
-    """Refuse strategies that shard parameters: noise drawn per full tensor would be wrong on a shard.
+def check_strategy_supported(strategy: object, sync: str = "seed") -> None:
+    """Refuse the strategies whose parameters the noise cannot be mapped onto.
+
+    Single-device, DDP-family and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and tensor parallelism, whose
+    DTensor parameters get exactly their part of the whole tensor's noise) are supported. FSDP1 (``FSDPStrategy``)
+    flattens parameters into shards that are not DTensors, and DeepSpeed partitions them its own way: both are refused,
+    as is ``sync="broadcast"`` where parameters are sharded (there is no replica to broadcast).
 
     Raises:
         ValueError: naming the strategy and what works instead.
     """
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in _SHARDED_STRATEGIES:
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    for refused in ("FSDPStrategy", "DeepSpeedStrategy"):
+        if refused in names:
             raise ValueError(
-                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters, and noise"
-                " drawn for a whole tensor is wrong on a shard. Use strategy='ddp' (or 'ddp_spawn'), where every rank"
-                " holds full parameters and draws identical noise."
+                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters in a layout"
+                " whose entries cannot be mapped to the whole tensor's noise. For sharded training use"
+                " ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model (FSDP2):"
+                " every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'."
             )
+    if "ModelParallelStrategy" in names and sync == "broadcast":
+        raise ValueError(
+            "HeavyTailNoiseCallback: sync='broadcast' needs every rank to hold whole parameters, and"
+            f" {type(strategy).__name__} shards them; use sync='seed' (each shard draws its part of the same noise)"
+        )
+
+
+def _step_calls_on_stack(optimizer: torch.optim.Optimizer) -> int:
+    """How many calls of ``optimizer.step`` are running: 1 in the outermost, 2 inside ``super().step()``, ...
+
+    Read from the stack rather than counted in pre/post hooks, so that a step that raised (and whose post hook
+    therefore never ran) cannot leave a stale count that silences the noise of every later step.
+    """
+    count = 0
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE and frame.f_locals.get("self") is optimizer:
+            count += 1
+        frame = frame.f_back  # type: ignore[assignment]
+    return count
 
 
 class HeavyTailNoiseCallback(Callback):
@@ -60,9 +99,15 @@ class HeavyTailNoiseCallback(Callback):
     hook fires once per real ``optimizer.step()``: not on gradient-accumulation batches, not when an AMP GradScaler
     skips a step, once per ``opt.step()`` in manual optimization (noising only that optimizer's parameters).
 
-    The noise is a pure function of the seed, the callback's own count of real optimizer steps and the parameter's
-    name, so runs are reproducible, a run resumed from a checkpoint continues exactly, and every DDP rank draws
-    the same noise (the seed is agreed at setup).
+    The noise is a pure function of the seed, the callback's own count of real optimizer steps, the parameter's name
+    and each entry's index, so runs are reproducible, a run resumed from a checkpoint continues exactly, and every DDP
+    rank draws the same noise (the seed is agreed at setup).
+
+    **Which parameters.** ``params`` and ``exclude`` pick the candidates once, at fit start (after
+    ``configure_model``; for lazy modules, after their first forward). At every step the candidates that are trainable
+    (``requires_grad``) and in the stepped optimizer get noise, so layers unfrozen later (``BackboneFinetuning``)
+    get noise from then on. The noised set is logged (rank zero, Lightning's logging) at fit start and whenever it
+    changes.
 
     Args:
         alpha: stability index in (0, 2]; smaller means heavier tails. 2 is Gaussian noise ``N(0, 2 sigma^2 lr)``.
@@ -71,9 +116,9 @@ class HeavyTailNoiseCallback(Callback):
         structure: ``"iid"`` (a draw per coordinate), ``"neuron"`` (one draw per output unit / conv filter, broadcast
             over its incoming weights; the structure the theory covers) or ``"elliptical"`` (a sub-Gaussian stable
             vector per unit). See ``lightning_heavytail.noise``.
-        params: which parameters: ``"weights"`` (every trainable parameter with >= 2 dims), ``"paper"`` (weights less
-            the output layer and the first conv, as in the paper), glob pattern(s) of names, or a callable
-            ``(name, param) -> bool``. Frozen parameters never get noise.
+        params: which parameters: ``"weights"`` (every parameter with >= 2 dims), ``"paper"`` (weights less the output
+            layer and the first conv, as in the paper), glob pattern(s) of names, or a callable
+            ``(name, param) -> bool``. Frozen parameters get no noise while they are frozen.
         exclude: glob patterns of parameter names to leave out, e.g. ``["classifier.*"]``.
         seed: base seed; None draws one on rank 0 and shares it with every rank.
         start_step: first real optimizer step (counted from 0 by this callback) that gets noise.
@@ -131,26 +176,35 @@ class HeavyTailNoiseCallback(Callback):
         self.structure: NoiseStructure = structure
         self.params = params
         self.exclude = tuple(exclude)
-        self.seed = seed
-        self.start_step = start_step
-        self.stop_step = stop_step
+        self.seed = None if seed is None else int(seed)
+        self.start_step = int(start_step)
+        self.stop_step = None if stop_step is None else int(stop_step)
         self.sync = sync
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.log_stats = log_stats
-        self._resolved_seed: int | None = seed
+        self._resolved_seed: int | None = self.seed
         self._noise_step = 0
-        self._selected: dict[int, str] = {}  # id(param) -> name, fixed at setup
+        self._candidates: dict[int, str] | None = None  # id(param) -> name; None until the selection is made
+        self._module: pl.LightningModule | None = None
+        self._noised: tuple[str, ...] | None = None  # what the last step noised, to log changes
+        self._noised_any = False
+        self._fit_start_step = 0
+        self._plans: dict[tuple[int, ...], NoisePlan] = {}  # by the ids of the noised parameters
+        self._paths: dict[str, str] = {}  # parameter -> the sampler kernel its noise came from
+        self._recorded_paths: dict[str, str] = {}  # the same, from the checkpoint resumed from
         self._handles: list[RemovableHandle] = []
         self._trainer: pl.Trainer | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        # A callable's repr holds its address, which changes between processes: its qualified name does not, so a
-        # resumed run finds its state.
-        params = self.params if not callable(self.params) else getattr(self.params, "__qualname__", "callable")
-        return self._generate_state_key(alpha=self.alpha, sigma=self.sigma, structure=self.structure,
-                                        params=repr(params), exclude=self.exclude)
+        # What the callback acts on, not its settings: a resume with another sigma must find its state (and say what
+        # changed) rather than silently restart the step count. A callable's repr holds its address, which changes
+        # between processes: its qualified name does not.
+        return self._generate_state_key(params=self._params_key(), exclude=self.exclude)
+
+    def _params_key(self) -> str:
+        return repr(self.params if not callable(self.params) else getattr(self.params, "__qualname__", "callable"))
 
     @property
     def noise_step(self) -> int:
@@ -162,15 +216,24 @@ class HeavyTailNoiseCallback(Callback):
         """The seed in use, agreed across ranks at setup (None before setup when no seed was given)."""
         return self._resolved_seed
 
+    @property
+    def noised_parameters(self) -> tuple[str, ...]:
+        """The parameters the last step noised (before the first step: the trainable candidates)."""
+        if self._noised is not None:
+            return self._noised
+        return tuple(name for name, p in self._candidate_params() if p.requires_grad)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy_supported(trainer.strategy)
-        # Fail early on a selection that matches nothing, unless the module builds its layers in configure_model,
-        # which Lightning calls after setup: then the selection is made (and checked) at fit start.
-        if not is_overridden("configure_model", pl_module, pl.LightningModule):
-            select_parameters(pl_module, self.params, exclude=self.exclude, argument="params")
+        check_strategy_supported(trainer.strategy, self.sync)
+        # Fail early on a selection that matches nothing, unless the module builds its layers in configure_model
+        # (which Lightning calls after setup) or has lazy layers: then the selection is made (and checked) later.
+        if not is_overridden("configure_model", pl_module, pl.LightningModule) and not uninitialized_parameters(
+            pl_module
+        ):
+            select_parameters(pl_module, self.params, exclude=self.exclude, argument="params", trainable_only=False)
         if self._resolved_seed is None:
             self._resolved_seed = random.SystemRandom().randrange(2**63)
         # Every rank must use rank 0's seed, or DDP replicas drift apart with no error.
@@ -179,28 +242,35 @@ class HeavyTailNoiseCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()  # a second fit() must not leave doubled hooks
-        self._trainer = trainer
-        selected = select_parameters(pl_module, self.params, exclude=self.exclude, argument="params")
-        self._selected = {id(p): name for name, p in selected}
+        self._trainer, self._module = trainer, pl_module
+        self._candidates, self._noised, self._noised_any = None, None, False
+        self._plans = {}
+        self._fit_start_step = self._noise_step  # after a resume: the checkpoint's count
         for optimizer in trainer.optimizers:  # a scale that overflows is a configuration error: say so before step 0
             for group in optimizer.param_groups:
                 self._group_scale(group)
-        in_optimizers: set[int] = set()
-        for optimizer in trainer.optimizers:
-            in_optimizers.update(id(p) for group in optimizer.param_groups for p in group["params"])
-            self._handles += self._register_hooks(optimizer)
-        orphans = [name for pid, name in self._selected.items() if pid not in in_optimizers]
-        if len(orphans) == len(self._selected):
-            raise ValueError(
-                f"HeavyTailNoiseCallback: none of the selected parameters ({', '.join(self._selected.values())}) is in"
-                " an optimizer, so none would ever get noise. Check `params` or configure_optimizers."
+        lazy = uninitialized_parameters(pl_module)
+        if lazy:
+            rank_zero_info(
+                f"HeavyTailNoiseCallback: {lazy} are lazy (no shape until the first forward); the parameters to noise"
+                " are selected at the first optimizer step"
             )
-        if orphans:
-            rank_zero_warn(f"HeavyTailNoiseCallback: selected parameters in no optimizer get no noise: {orphans}")
+        else:
+            self._select(pl_module)
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        noisy_steps = range(max(self._fit_start_step, self.start_step), self._noise_step)
+        if self.stop_step is not None:
+            noisy_steps = range(noisy_steps.start, min(noisy_steps.stop, self.stop_step))
+        if len(noisy_steps) > 0 and not self._noised_any and self.sigma > 0:
+            rank_zero_warn(
+                "HeavyTailNoiseCallback added no noise during this fit: none of the selected parameters was trainable"
+                f" and in the stepped optimizer at any step (params={self.params!r}, exclude={list(self.exclude)!r})"
+            )
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -212,33 +282,124 @@ class HeavyTailNoiseCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "seed": self._resolved_seed, "noise_step": self._noise_step}
+        return {
+            "version": _STATE_VERSION,
+            "seed": self._resolved_seed,
+            "noise_step": self._noise_step,
+            "settings": self._settings(),
+            "sampler_paths": dict(self._paths),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resolved_seed = state_dict.get("seed", self._resolved_seed)
+        recorded = state_dict.get("settings")
+        changes = self._changes(recorded) if isinstance(recorded, dict) else []
+        if self.seed is None or "seed" not in (recorded or {}):
+            # no seed asked for (or none recorded to tell a change by): continue the checkpoint's stream
+            self._resolved_seed = state_dict.get("seed", self._resolved_seed)
         self._noise_step = int(state_dict.get("noise_step", 0))
+        self._recorded_paths = dict(state_dict.get("sampler_paths", {}))
+        if changes:
+            rank_zero_warn(
+                f"HeavyTailNoiseCallback resumed with other settings than the checkpoint's: {'; '.join(changes)}. The"
+                f" step count continues from {self._noise_step}; the new settings apply from here on."
+            )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # Lightning calls load_state_dict with it next
+        name = type(self).__name__
+        mine = {str(key): state for key, state in states.items()
+                if str(key).startswith(name) and isinstance(state, dict) and "noise_step" in state}
+        if not mine:
+            return
+        if len(mine) > 1:
+            raise ValueError(
+                f"The checkpoint holds several {name} states ({sorted(mine)}) and none has this callback's key"
+                f" {self.state_key!r}: give each callback the `params`/`exclude` it had, so each finds its own state"
+            )
+        key, state = next(iter(mine.items()))
+        if "settings" not in state:  # written before settings were recorded: they are in the key
+            state = {**state, "settings": _settings_from_key(key, name)}
+        self.load_state_dict(dict(state))
+
+    # ------------------------------------------------------------------ private
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha, "sigma": self.sigma, "lr_scaling": self.lr_scaling, "structure": self.structure,
+            "params": self._params_key(), "exclude": list(self.exclude), "seed": self.seed,
+            "start_step": self.start_step, "stop_step": self.stop_step,
+        }
+
+    def _changes(self, recorded: dict[str, Any]) -> list[str]:
+        current = self._settings()
+        changes = []
+        for key in _SETTINGS:
+            if key not in recorded:
+                continue
+            old, new = recorded[key], current[key]
+            if key == "exclude":
+                old, new = list(old or []), list(new)
+            if key == "seed" and new is None:
+                continue  # no seed given: the checkpoint's is kept
+            if old != new:
+                changes.append(f"{key} {old!r} -> {new!r}")
+        return changes
+
+    def _candidate_params(self) -> list[tuple[str, Tensor]]:
+        if self._candidates is None or self._module is None:
+            return []
+        by_id = {id(p): p for p in self._module.parameters()}
+        return [(name, by_id[pid]) for pid, name in self._candidates.items() if pid in by_id]
+
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        """Pick the candidates (once per fit), check them against the optimizers and say what gets noise."""
+        selected = select_parameters(pl_module, self.params, exclude=self.exclude, argument="params",
+                                     trainable_only=False)
+        self._candidates = {id(p): name for name, p in selected}
+        trainer = self._trainer
+        in_optimizers: set[int] = set()
+        for optimizer in trainer.optimizers if trainer is not None else []:
+            in_optimizers.update(id(p) for group in optimizer.param_groups for p in group["params"])
+        trainable = [(name, p) for name, p in selected if p.requires_grad]
+        orphans = [name for name, p in trainable if id(p) not in in_optimizers]
+        if trainable and len(orphans) == len(trainable) and trainer is not None:
+            raise ValueError(
+                f"HeavyTailNoiseCallback: none of the selected trainable parameters ({', '.join(orphans)}) is in an"
+                " optimizer, so none would ever get noise. Check `params` or configure_optimizers."
+            )
+        if orphans:
+            rank_zero_warn(f"HeavyTailNoiseCallback: selected parameters in no optimizer get no noise: {orphans}")
+        frozen = [name for name, p in selected if not p.requires_grad]
+        message = (
+            f"HeavyTailNoiseCallback (alpha={self.alpha}, sigma={self.sigma}, structure={self.structure!r}) noises"
+            f" {len(trainable)} parameter(s): {[name for name, _ in trainable]}"
+        )
+        if frozen:
+            message += f"; frozen now, noised once trainable: {frozen}"
+        rank_zero_info(message)
+        if not trainable:
+            rank_zero_warn(
+                f"HeavyTailNoiseCallback: none of the selected parameters {frozen} is trainable at fit start; noise"
+                " starts when one becomes trainable"
+            )
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._plans = {}  # they hold the parameters: let them go with the fit
 
-    def _register_hooks(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
-        # torch runs an optimizer's step hooks around every patched `step` in the class hierarchy: a subclass whose
-        # step calls super().step() fires them twice per real step. Counting depth, the noise goes in once, after
-        # the outermost step has returned.
-        depth = [0]
-
-        def pre_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            depth[0] += 1
-
-        def post_hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            depth[0] = max(depth[0] - 1, 0)
-            if depth[0] == 0:
-                self._after_optimizer_step(opt)
-
-        return [optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook)]
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # torch runs the step hooks around every patched `step` in the class hierarchy: a subclass whose step calls
+        # super().step() fires them once per level. The noise goes in once, after the outermost step.
+        if _step_calls_on_stack(optimizer) <= 1:
+            self._after_optimizer_step(optimizer)
 
     def _group_scale(self, group: dict[str, Any]) -> float:
         scale = noise_scale(self.sigma, float(group["lr"]), self.alpha, lr_scaling=self.lr_scaling)
@@ -250,6 +411,63 @@ class HeavyTailNoiseCallback(Callback):
                 f" of {scale:g}: {err}. Lower sigma or the learning rate, or raise alpha."
             ) from None
         return scale
+
+    def _targets(self, optimizer: torch.optim.Optimizer) -> list[tuple[list[tuple[str, Tensor]], float]]:
+        """(the candidates of each param group that are trainable now, the group's scale)."""
+        if self._candidates is None and self._module is not None:
+            lazy = uninitialized_parameters(self._module)
+            if lazy:
+                raise ValueError(
+                    f"HeavyTailNoiseCallback: {lazy} are still uninitialized after an optimizer step, so `params`"
+                    f"={self.params!r} cannot be resolved; run the lazy modules in forward, or initialize them"
+                    " (a forward pass on an example batch) before fit"
+                )
+            self._select(self._module)
+        candidates = self._candidates or {}
+        groups = []
+        for group in optimizer.param_groups:
+            targets = [(candidates[id(p)], p) for p in group["params"] if id(p) in candidates and p.requires_grad]
+            if targets:
+                groups.append((targets, self._group_scale(group)))
+        return groups
+
+    def _plan(self, groups: list[tuple[list[tuple[str, Tensor]], float]]) -> NoisePlan:
+        """The noise plan of these parameters: made when the noised set (or a tensor's layout) changes, else reused."""
+        key = tuple(id(p) for targets, _ in groups for _, p in targets)
+        plan = self._plans.get(key)
+        if plan is None or not plan.is_current():
+            if len(self._plans) >= 4:  # one per optimizer in practice; frozen/unfrozen sets come and go
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = NoisePlan([item for targets, _ in groups for item in targets], self.structure)
+        return plan
+
+    def _note_noised(self, noised: tuple[str, ...]) -> None:
+        """Say when the noised set changes (a layer unfrozen, frozen, or added to the optimizer)."""
+        if len(self._trainer.optimizers if self._trainer is not None else []) > 1:
+            return  # manual optimization with several optimizers: each step noises its own optimizer's share
+        if self._noised is not None and noised != self._noised:
+            added = [name for name in noised if name not in self._noised]
+            removed = [name for name in self._noised if name not in noised]
+            rank_zero_info(
+                f"HeavyTailNoiseCallback: from noise step {self._noise_step} on, noising {len(noised)} parameter(s)"
+                + (f"; now trainable: {added}" if added else "") + (f"; no longer: {removed}" if removed else "")
+            )
+        self._noised = noised
+
+    def _note_paths(self, paths: dict[str, str]) -> None:
+        """Warn once if a resumed run draws a parameter's noise with another kernel than the checkpoint's run."""
+        changed = {name: (self._recorded_paths[name], path) for name, path in paths.items()
+                   if name in self._recorded_paths and self._recorded_paths[name] != path}
+        if changed:
+            rank_zero_warn(
+                "HeavyTailNoiseCallback: after resuming, the noise of "
+                + ", ".join(f"{name!r} comes from the {new} sampler kernel (the checkpoint's run used {old})"
+                            for name, (old, new) in changed.items())
+                + ". Both draw the same law but round differently (about 1e-7 relative), so the run is no longer"
+                " bitwise the uninterrupted one. See docs/sampler.md (LIGHTNING_HEAVYTAIL_COMPILE)."
+            )
+        self._recorded_paths = {}
+        self._paths.update(paths)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self._noise_step
@@ -265,15 +483,14 @@ class HeavyTailNoiseCallback(Callback):
             and (step + 1) % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) == 0
         )
         seed = self._resolved_seed if self._resolved_seed is not None else 0
-        groups = []
-        for group in optimizer.param_groups:
-            targets = [(self._selected[id(p)], p) for p in group["params"]
-                       if id(p) in self._selected and p.requires_grad]
-            if targets:
-                groups.append((targets, self._group_scale(group)))
+        groups = self._targets(optimizer)
+        self._note_noised(tuple(name for targets, _ in groups for name, _ in targets))
+        self._noised_any = self._noised_any or bool(groups)
         # All groups are checked before any is written: a failure leaves every parameter as the optimizer left it.
-        stats = add_heavy_tailed_noise_groups(groups, self.alpha, structure=self.structure, seed=seed, step=step,
-                                              on_nonfinite=self.on_nonfinite, track_max=log_now)
+        plan = self._plan(groups)
+        stats = plan.apply([scale for targets, scale in groups for _ in targets], self.alpha, seed=seed, step=step,
+                           on_nonfinite=self.on_nonfinite, track_max=log_now)
+        self._note_paths(stats.paths)
         if self.sync == "broadcast":
             # Every target in a fixed order, skipped or not, so all ranks make the same broadcast calls.
             _broadcast_from_rank_zero([p for targets, _ in groups for _, p in targets])
@@ -283,6 +500,18 @@ class HeavyTailNoiseCallback(Callback):
                        "heavytail/max_abs_noise": stats.max_abs_noise or 0.0}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _settings_from_key(key: str, name: str) -> dict[str, Any]:
+    """The settings an older checkpoint wrote into its state key, ``Name{'alpha': 1.8, ...}``; {} if unreadable."""
+    try:
+        settings = ast.literal_eval(key[len(name):])
+    except (ValueError, SyntaxError):
+        return {}
+    if not isinstance(settings, dict):
+        return {}
+    settings["exclude"] = list(settings.get("exclude", ()))
+    return settings
 
 
 def _broadcast_from_rank_zero(tensors: list[Tensor]) -> None:

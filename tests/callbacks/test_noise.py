@@ -1,8 +1,10 @@
+import contextlib
 import csv
 import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import scipy.stats
 import torch
@@ -276,12 +278,16 @@ def test_sharding_strategies_are_refused_with_a_clear_error():
 
 def test_state_dict_round_trip_and_defaults_for_missing_fields():
     cb = HeavyTailNoiseCallback(seed=7)
-    cb.load_state_dict({"seed": 123, "noise_step": 9})
-    assert cb.state_dict() == {"version": 1, "seed": 123, "noise_step": 9}
+    cb.load_state_dict({"seed": 123, "noise_step": 9})  # a version-1 state: no settings recorded
+    state = cb.state_dict()
+    assert state["version"] == 2 and state["seed"] == 123 and state["noise_step"] == 9
+    assert state["settings"]["alpha"] == 1.8 and state["settings"]["seed"] == 7 and state["sampler_paths"] == {}
     fresh = HeavyTailNoiseCallback(seed=7)
     fresh.load_state_dict({})  # a checkpoint from before these fields existed
     assert fresh.resolved_seed == 7 and fresh.noise_step == 0
-    assert HeavyTailNoiseCallback(alpha=1.5).state_key != HeavyTailNoiseCallback(alpha=1.6).state_key
+    # the key names what the callback acts on, not its settings: a resume with another sigma finds its state
+    assert HeavyTailNoiseCallback(alpha=1.5).state_key == HeavyTailNoiseCallback(alpha=1.6, sigma=0.1).state_key
+    assert HeavyTailNoiseCallback(params="paper").state_key != HeavyTailNoiseCallback(params="weights").state_key
 
 
 def test_lightning_cli_builds_the_callback_from_flags(tmp_path):
@@ -359,7 +365,7 @@ def test_modules_that_build_layers_in_configure_model_get_noise(tmp_path):
     cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0, params="hidden.weight")
     t = trainer(tmp_path, callbacks=[cb], max_steps=2)
     t.fit(model)
-    assert cb.noise_step == 2 and len(cb._selected) == 1
+    assert cb.noise_step == 2 and cb.noised_parameters == ("hidden.weight",)
 
 
 def test_a_scale_that_would_overflow_fails_at_fit_start_naming_sigma_lr_and_alpha(tmp_path):
@@ -404,3 +410,163 @@ def test_an_optimizer_subclass_calling_super_step_gets_noise_once_per_step(tmp_p
     cb = Counting(1.8, 0.01, seed=0)
     trainer(tmp_path, callbacks=[cb], max_steps=3).fit(Model())
     assert calls == [0, 1, 2] and cb.noise_step == 3
+
+
+# ---------------------------------------------------------------------------------- issue 8: no silent wrong noise
+
+
+class _RecordStepDeltas(pl.Callback):
+    """The change of one parameter across each optimizer step (the noise, when the gradients are zero)."""
+
+    def __init__(self, name):
+        self.name, self.deltas = name, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before = pl_module.get_parameter(self.name).detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.deltas.append(pl_module.get_parameter(self.name).detach() - self.before)
+
+
+def _expected_noise(alpha, scale, seed, step, name, shape, structure="iid"):
+    from lightning_heavytail.noise import NoiseTarget, add_heavy_tailed_noise
+
+    zeros = torch.zeros(shape)
+    add_heavy_tailed_noise([NoiseTarget.of(name, zeros)], alpha, scale, structure=structure, seed=seed, step=step)
+    return zeros
+
+
+class LazyMLP(MLP):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = torch.nn.LazyLinear(16, bias=False)
+
+
+@pytest.mark.parametrize("params", ["paper", "weights"])
+def test_lazy_parameters_get_noise_once_materialized(tmp_path, params, caplog):
+    model = LazyMLP(lr=0.1, grad_scale=0.0)
+    record = _RecordStepDeltas("hidden.weight")
+    cb = HeavyTailNoiseCallback(1.8, 0.1, params=params, seed=5)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, callbacks=[cb, record], max_steps=2).fit(model)
+    assert cb.noise_step == 2 and "hidden.weight" in cb.noised_parameters
+    scale = 0.1 * 0.1 ** (1 / 1.8)
+    for step, delta in enumerate(record.deltas):
+        expected = _expected_noise(1.8, scale, 5, step, "hidden.weight", (16, 8))
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-6)
+    noised = "1 parameter(s): ['hidden.weight']"
+    if params == "weights":
+        noised = "2 parameter(s): ['hidden.weight', 'out.weight']"
+    assert "are lazy" in caplog.text and f"noises {noised}" in caplog.text
+
+
+def test_a_layer_unfrozen_later_gets_noise_from_then_on_and_the_change_is_logged(tmp_path, caplog):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class WithBackbone(MLP):
+        def __init__(self):
+            super().__init__(lr=0.1, grad_scale=0.0)
+            self.backbone = self.hidden
+            del self.hidden
+
+        def forward(self, x):
+            return self.out(torch.relu(self.backbone(x)))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.out.parameters(), lr=0.1)  # BackboneFinetuning adds the backbone later
+
+    model = WithBackbone()
+    record = _RecordStepDeltas("backbone.weight")
+    cb = HeavyTailNoiseCallback(1.8, 0.1, params="backbone.*", seed=3)
+    finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0, verbose=False)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, callbacks=[finetune, cb, record], max_epochs=2).fit(model)
+    frozen, unfrozen = record.deltas[:STEPS_PER_EPOCH], record.deltas[STEPS_PER_EPOCH:]
+    assert all((d == 0).all() for d in frozen)  # frozen: no noise
+    assert len(unfrozen) == STEPS_PER_EPOCH and all((d != 0).all() for d in unfrozen)
+    scale = 0.1 * 0.1 ** (1 / 1.8)
+    expected = _expected_noise(1.8, scale, 3, STEPS_PER_EPOCH, "backbone.weight", (16, 8))
+    torch.testing.assert_close(unfrozen[0], expected, rtol=1e-4, atol=1e-6)
+    assert "frozen now, noised once trainable: ['backbone.weight']" in caplog.text
+    assert f"from noise step {STEPS_PER_EPOCH} on, noising 1 parameter(s); now trainable: ['backbone.weight']" in (
+        caplog.text
+    )
+
+
+def test_a_step_that_raises_does_not_silence_the_noise_of_later_steps(tmp_path):
+    class RaisingClosure(MLP):
+        def __init__(self):
+            super().__init__(lr=0.1, grad_scale=0.0)
+            self.automatic_optimization = False
+            self.changed = []
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+
+            def failing():
+                raise RuntimeError("closure failed")
+
+            if batch_idx == 0:
+                with contextlib.suppress(RuntimeError):  # the user catches the failed step and goes on
+                    opt.step(closure=failing)
+            before = self.hidden.weight.detach().clone()
+            opt.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            opt.step()
+            self.changed.append(bool((self.hidden.weight != before).all()))
+
+    model = RaisingClosure()
+    cb = HeavyTailNoiseCallback(1.8, 0.1, seed=0)
+    trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(model)
+    assert model.changed == [True] * STEPS_PER_EPOCH and cb.noise_step == STEPS_PER_EPOCH
+
+
+def _checkpointed_run(tmp_path, cb, **kwargs):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, callbacks=[cb, ckpt], enable_checkpointing=True, **kwargs).fit(MLP(lr=0.05))
+    return tmp_path / "last.ckpt"
+
+
+def test_changed_settings_on_resume_are_named_in_a_warning_and_the_step_count_continues(tmp_path):
+    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, seed=3))
+    resumed = HeavyTailNoiseCallback(1.7, 0.02, structure="neuron", seed=4)
+    with pytest.warns(UserWarning, match=r"alpha 1\.8 -> 1\.7; sigma 0\.01 -> 0\.02; structure 'iid' -> 'neuron'; "
+                                         r"seed 3 -> 4\. The step count continues from 4"):
+        trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(MLP(lr=0.05), ckpt_path=path)
+    assert resumed.noise_step == 2 * STEPS_PER_EPOCH and resumed.resolved_seed == 4
+
+
+def test_a_checkpoint_written_before_settings_were_recorded_is_found_and_compared(tmp_path):
+    path = _checkpointed_run(tmp_path / "a", HeavyTailNoiseCallback(1.8, 0.01, seed=3))
+    checkpoint = torch.load(path, weights_only=False)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("HeavyTailNoiseCallback")]
+    old_key = ("HeavyTailNoiseCallback{'alpha': 1.8, 'sigma': 0.01, 'structure': 'iid', 'params': \"'weights'\","
+               " 'exclude': ()}")  # the key of version 1, which held the settings
+    checkpoint["callbacks"] = {old_key: {"version": 1, "seed": state["seed"], "noise_step": state["noise_step"]}}
+    torch.save(checkpoint, path)
+    resumed = HeavyTailNoiseCallback(1.8, 0.03)
+    with pytest.warns(UserWarning, match=r"sigma 0\.01 -> 0\.03\. The step count continues from 4"):
+        trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(MLP(lr=0.05), ckpt_path=path)
+    assert resumed.noise_step == 2 * STEPS_PER_EPOCH and resumed.resolved_seed == 3
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_sampler_kernel_warns(tmp_path, monkeypatch):
+    from lightning_heavytail import stable
+
+    monkeypatch.setattr(stable, "COMPILE_MIN_DRAWS", 64)  # the hidden weight (128 draws) goes through the compiler
+    monkeypatch.setenv("LIGHTNING_HEAVYTAIL_COMPILE", "1")
+    first = HeavyTailNoiseCallback(1.8, 0.01, seed=3, params="hidden.weight")
+    path = _checkpointed_run(tmp_path / "a", first)
+    assert first.state_dict()["sampler_paths"] == {"hidden.weight": "compiled"}
+    monkeypatch.setenv("LIGHTNING_HEAVYTAIL_COMPILE", "0")  # as on a machine without a compiler
+    resumed = HeavyTailNoiseCallback(1.8, 0.01, seed=3, params="hidden.weight")
+    with pytest.warns(UserWarning, match=r"'hidden.weight' comes from the eager sampler kernel \(the checkpoint's run"
+                                         r" used compiled\)"):
+        trainer(tmp_path / "b", callbacks=[resumed], max_epochs=2).fit(MLP(lr=0.05), ckpt_path=path)
+    assert resumed.state_dict()["sampler_paths"] == {"hidden.weight": "eager"}
+
+
+def test_numpy_integers_are_accepted_for_seed_and_steps():
+    cb = HeavyTailNoiseCallback(np.float64(1.7), np.float32(0.01), seed=np.int64(3), start_step=np.int32(1))
+    assert cb.seed == 3 and type(cb.seed) is int and cb.start_step == 1 and cb.alpha == pytest.approx(1.7)

@@ -1,0 +1,492 @@
+"""The noise of many parameters at one step, drawn and added in a few batched operations (``NoisePlan``).
+
+A step's noise is a pure function of (seed, step, name, global index), whatever the batching: the plan only decides
+how many parameters share one call of the sampler and one ``torch._foreach_add_``. Small parameters of one device and
+compute dtype are concatenated into one counter space (a segment per parameter); a parameter with at least
+``_BATCH_MAX_DRAWS`` draws per step is drawn on its own, by the kernel its whole size selects
+(``stable.choose_path``). Everything that depends only on the parameters (segments, indices, name keys, groups of
+equal shapes) is built once, when the plan is made; per step the work is a fixed number of tensor operations per
+batch and per run of equally shaped parameters, plus one fused norm for the non-finite check.
+
+Keys: the stream of parameter ``name`` at ``step`` is ``derive_key(seed, step) ^ name_key(name)`` (word by word), so
+the per-step key work for all parameters is one xor; ``name_key`` hashes a name once. The elliptical mixing variables
+use that stream xor-ed with a fixed word.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
+from lightning_heavytail.stable import (
+    SamplerPath,
+    _as_int64,
+    _draws,
+    _string_word,
+    choose_path,
+    compile_available,
+    derive_key,
+    normal_at,
+    positive_stable_at,
+    stable_at,
+)
+
+# A parameter with at least this many draws per step is drawn alone (no index or key tensors are built for it, and
+# its noise is not held together with others'); below it, parameters of one device and dtype share batches of at most
+# _BATCH_DRAWS draws. Both are below stable.COMPILE_MIN_DRAWS, so batched parameters use the eager kernel, as they
+# would alone.
+_BATCH_MAX_DRAWS = 1 << 16
+_BATCH_DRAWS = 1 << 20
+_NAME_LANES = (0x452821E638D01377, 0xBE5466CF34E90C6C)  # more hex digits of pi
+_MIXING_WORDS = (_as_int64(0xC0AC29B7C97C50DD), _as_int64(0x3F84D5B5B5470917))
+# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below the scale bound of noise.check_noise_scale a
+# finite float32/bfloat16/float64 parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach
+# ~1e38, so there, as for fp16, the sum is checked before it is written.
+_HEAVIEST_SAFE_ALPHA = 0.5
+
+
+class NonFiniteParameterError(FloatingPointError):
+    """A selected parameter holds inf or NaN at a noise step (the message names it and the step)."""
+
+
+@dataclass
+class NoiseStats:
+    """What one call of ``add_heavy_tailed_noise`` did.
+
+    Attributes:
+        noised: names of the parameters that received noise.
+        skipped: names of the parameters left untouched because they were (or would become) non-finite.
+        max_abs_noise: the largest |noise| added, when asked for (``track_max=True``), else ``None``.
+        paths: for each noised parameter, the sampler kernel that drew its noise, ``"eager"`` or ``"compiled"``
+            (see ``lightning_heavytail.stable.COMPILE_MIN_DRAWS``): the two round differently in the last bits.
+    """
+
+    noised: list[str]
+    skipped: list[str]
+    max_abs_noise: float | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoiseTarget:
+    """One tensor to add noise to.
+
+    Attributes:
+        name: the parameter's name; with the seed and the step it keys the noise.
+        tensor: what is written: the parameter itself, or the local part of a sharded one.
+        block: where ``tensor`` sits in the whole parameter (``LocalBlock.whole`` for an unsharded one).
+        sharded: whether other ranks hold other parts of the parameter (then every rank must agree on skipping it).
+    """
+
+    name: str
+    tensor: Tensor
+    block: LocalBlock
+    sharded: bool = False
+
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> NoiseTarget:
+        """The target of a parameter: itself, or for a DTensor (FSDP2, tensor parallel) its local part."""
+        local, block = local_part(tensor)
+        return cls(name, local, block, is_sharded(tensor))
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float64 parameters get float64 noise; every other dtype gets float32 arithmetic."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def name_key(name: str) -> tuple[int, int]:
+    """The two 64-bit words a parameter name contributes to its noise key (a fixed hash, computed once per name).
+
+    Examples:
+        >>> name_key("hidden.weight") == name_key("hidden.weight") != name_key("out.weight")
+        True
+    """
+    return _as_int64(_string_word(name, _NAME_LANES[0])), _as_int64(_string_word(name, _NAME_LANES[1]))
+
+
+def noise_key(seed: int, step: int, name: str) -> tuple[int, int]:
+    """The stream key of one parameter's noise at one step: ``derive_key(seed, step) ^ name_key(name)``.
+
+    Two different (step, name) pairs share a key with probability about ``2**-128``.
+
+    Examples:
+        >>> noise_key(0, 1, "w") != noise_key(0, 2, "w") and noise_key(0, 1, "w") != noise_key(0, 1, "v")
+        True
+    """
+    step_key, words = derive_key(seed, step), name_key(name)
+    return step_key[0] ^ words[0], step_key[1] ^ words[1]
+
+
+def mixing_key(key: tuple[int, int]) -> tuple[int, int]:
+    """The stream of the elliptical mixing variables of the parameter whose noise key is ``key``."""
+    return key[0] ^ _MIXING_WORDS[0], key[1] ^ _MIXING_WORDS[1]
+
+
+def draw_count(block: LocalBlock, structure: str) -> int:
+    """Draws per step of the whole parameter (not of the block): the size the sampler kernel is chosen by."""
+    if structure == "neuron" and len(block.global_shape) > 0:
+        return int(block.global_shape[0])
+    return int(block.global_shape.numel())
+
+
+def unit_shape(shape: torch.Size) -> torch.Size:
+    """The shape of one value per unit (dim 0), broadcasting over a tensor of ``shape``."""
+    return shape if len(shape) == 0 else torch.Size([shape[0]] + [1] * (len(shape) - 1))
+
+
+def standard_noise(block: LocalBlock, alpha: float, structure: str, key: tuple[int, int], device: torch.device,
+                   dtype: torch.dtype) -> tuple[Tensor, SamplerPath]:
+    """Scale-1 noise of one block, shaped to broadcast over it, and the kernel that drew it.
+
+    The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
+    tensor would.
+    """
+    path = choose_path(draw_count(block, structure), device)
+    rows = block.rows()
+    rows = rows.to(device) if isinstance(rows, Tensor) else rows
+    if structure == "neuron":
+        noise = stable_at(alpha, key, rows, device=device, dtype=dtype, path=path)
+        noise = noise.reshape(unit_shape(block.local_shape))
+    elif structure == "iid":
+        noise = stable_at(alpha, key, block.flat_index(device), device=device, dtype=dtype, path=path)
+        noise = noise.reshape(block.local_shape)
+    else:  # elliptical: sqrt(A) * G per unit, A positive (alpha/2)-stable (1 at alpha = 2), G ~ N(0, 2 I)
+        noise = normal_at(key, block.flat_index(device), device=device, dtype=dtype, path=path)
+        noise = noise.reshape(block.local_shape).mul_(math.sqrt(2.0))
+        if alpha < 2.0:
+            mixing = positive_stable_at(alpha / 2.0, mixing_key(key), rows, device=device, dtype=dtype, path=path)
+            noise = noise.mul_(mixing.sqrt_().reshape(unit_shape(block.local_shape)))
+    # a compile failure during the call falls back to eager: report what ran
+    return noise, path if compile_available(device) else "eager"
+
+
+def scaled_noise(target: NoiseTarget, alpha: float, scale: float, structure: str, key: tuple[int, int]) -> tuple[
+        Tensor, SamplerPath]:
+    """The noise of one target drawn alone, times ``scale``, clipped to the compute dtype (what a batch gives it)."""
+    dtype = compute_dtype(target.tensor)
+    noise, path = standard_noise(target.block, alpha, structure, key, target.tensor.device, dtype)
+    finfo = torch.finfo(dtype)
+    return noise.mul_(scale).clamp_(finfo.min, finfo.max), path
+
+
+def _index(values: range | Tensor) -> Tensor:
+    return torch.arange(values.start, values.stop) if isinstance(values, range) else values.cpu()
+
+
+@dataclass
+class _Segments:
+    """What a batched draw needs, built once: every draw's member and global index, every member's name key."""
+
+    runs: list[tuple[torch.Size, list[int]]]  # consecutive members of equal shapes (members are sorted by shape)
+    main_seg: Tensor  # the member of every main draw (units for neuron, entries otherwise)
+    main_index: Tensor  # the global index of every main draw in its member's stream
+    row_seg: Tensor  # the member of every unit (elliptical mixing variables)
+    row_index: Tensor
+    words: Tensor  # name_key of every member, (members, 2)
+
+    @classmethod
+    def of(cls, members: list[int], targets: Sequence[NoiseTarget], structure: str, device: torch.device) -> _Segments:
+        blocks = [targets[i].block for i in members]
+        rows = [_index(block.rows()) for block in blocks]
+        main = rows if structure == "neuron" else [_index(block.flat_index(torch.device("cpu"))) for block in blocks]
+        positions = torch.arange(len(blocks))
+        return cls(
+            runs=[(shape, list(group)) for shape, group in itertools.groupby(
+                members, key=lambda i: targets[i].block.local_shape)],
+            main_seg=positions.repeat_interleave(torch.tensor([len(m) for m in main])).to(device),
+            main_index=torch.cat(main).to(device),
+            row_seg=positions.repeat_interleave(torch.tensor([len(r) for r in rows])).to(device),
+            row_index=torch.cat(rows).to(device),
+            words=torch.tensor([name_key(targets[i].name) for i in members], dtype=torch.int64, device=device),
+        )
+
+
+@dataclass
+class _Batch:
+    """Targets drawn by one sampler call: several small ones (eager, ``segments`` set), or one alone."""
+
+    members: list[int]  # positions in the plan's target list; sorted by shape when batched
+    device: torch.device
+    dtype: torch.dtype
+    path: SamplerPath
+    segments: _Segments | None = None
+
+
+def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch]:
+    batches: list[_Batch] = []
+    small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, target in enumerate(targets):
+        device, dtype = target.tensor.device, compute_dtype(target.tensor)
+        count = draw_count(target.block, structure)
+        if count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
+            batches.append(_Batch([i], device, dtype, choose_path(count, device)))
+        else:
+            small.setdefault((device, dtype), []).append(i)
+    for (device, dtype), members in small.items():
+        members.sort(key=lambda i: tuple(targets[i].block.local_shape))
+        size, current = 0, list[int]()
+        for i in members:
+            shape = targets[i].block.local_shape
+            draws = int(shape[0]) if structure == "neuron" and len(shape) > 0 else int(shape.numel())
+            if current and size + draws > _BATCH_DRAWS:
+                batches.append(_Batch(current, device, dtype, "eager"))
+                size, current = 0, []
+            current.append(i)
+            size += draws
+        if current:
+            batches.append(_Batch(current, device, dtype, "eager"))
+    for batch in batches:
+        if len(batch.members) > 1:
+            batch.segments = _Segments.of(batch.members, targets, structure, batch.device)
+    return batches
+
+
+def _is_narrow(dtype: torch.dtype) -> bool:
+    # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
+    return torch.finfo(dtype).max < 1e38
+
+
+def _may_overflow(dtype: torch.dtype, alpha: float) -> bool:
+    """Whether ``param + noise`` can overflow ``dtype`` although both are finite."""
+    return _is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
+
+
+def as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:
+    """A ``NoiseTarget`` from a ``(name, tensor)`` pair (or itself), refusing what cannot take noise."""
+    target = item if isinstance(item, NoiseTarget) else NoiseTarget.of(*item)
+    if not isinstance(target.name, str):
+        raise TypeError(f"parameter names must be strings, got {type(target.name).__name__}: {target.name!r}")
+    tensor = target.tensor
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        what = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise TypeError(f"parameter {target.name!r} must be a real floating point tensor to get noise, got {what}")
+    return target
+
+
+def check_distinct(targets: Sequence[NoiseTarget]) -> None:
+    """Refuse a name given twice (both tensors would get identical noise) or a tensor given twice (noised twice)."""
+    names: set[str] = set()
+    tensors: dict[int, str] = {}
+    for target in targets:
+        if target.name in names:
+            raise ValueError(
+                f"parameter name {target.name!r} is given twice: the noise is a function of (seed, step, name), so"
+                " both tensors would get identical noise. Give every tensor its own name (e.g. prefix each model's"
+                " named_parameters() with the model's name)."
+            )
+        names.add(target.name)
+        owner = tensors.setdefault(id(target.tensor), target.name)
+        if owner != target.name:
+            raise ValueError(
+                f"the same tensor is given as {owner!r} and as {target.name!r}; it would get noise twice per step"
+            )
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def all_ranks_max(values: Tensor) -> Tensor:
+    """The elementwise max of ``values`` over all ranks (a no-op outside a process group)."""
+    if not _distributed():
+        return values
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    reduced = values.to(device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return reduced.to(values.device)
+
+
+class NoisePlan:
+    """How a fixed list of parameters gets its noise: built once, then ``apply``-ed at every step.
+
+    Building it groups the parameters into batches and precomputes their segments, indices and name keys; ``apply``
+    then checks every parameter (one fused norm, one device sync), draws each batch's noise in one sampler call, and
+    adds it with one ``torch._foreach_add_`` per run of equally shaped parameters. The noise is bitwise what
+    ``add_heavy_tailed_noise`` gives each parameter alone.
+
+    Args:
+        named: ``(name, parameter)`` pairs or ``NoiseTarget``s; DTensors contribute their local part.
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
+
+    Raises:
+        ValueError: for a name, or a tensor, given twice.
+        TypeError: for a tensor that is not real floating point.
+    """
+
+    def __init__(self, named: Sequence[tuple[str, Tensor] | NoiseTarget], structure: str) -> None:
+        self.structure = structure
+        # a DTensor's local part is read once; is_current() checks that it is still the parameter's storage
+        self._sources = [item[1] if not isinstance(item, NoiseTarget) and is_sharded(item[1]) else None
+                         for item in named]
+        self.targets = [as_target(item) for item in named]
+        check_distinct(self.targets)
+        self.sharded = any(target.sharded for target in self.targets)
+        self._layout = self._signature()
+        self._batches = _plan_batches(self.targets, structure)
+        norm_groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, target in enumerate(self.targets):
+            norm_groups.setdefault((target.tensor.device, compute_dtype(target.tensor)), []).append(i)
+        self._norm_groups = list(norm_groups.items())
+
+    def _signature(self) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
+        return [(target.tensor.shape, target.tensor.dtype, target.tensor.device) for target in self.targets]
+
+    def is_current(self) -> bool:
+        """Whether every tensor still has the shape, dtype and device (and storage, for DTensors) it was built for."""
+        if self._signature() != self._layout:
+            return False
+        return all(source is None or local_part(source)[0].data_ptr() == target.tensor.data_ptr()
+                   for source, target in zip(self._sources, self.targets, strict=True))
+
+    def _finite(self, work: set[int]) -> dict[int, bool]:
+        """Whether each target in ``work`` is finite: one fused float norm per device and dtype, one sync each.
+
+        The norm is inf or NaN whenever a tensor holds inf or NaN; it can also overflow for huge finite values, so
+        only the tensors it flags get the exact elementwise test.
+        """
+        finite: dict[int, bool] = {}
+        for (_, dtype), group in self._norm_groups:
+            members = [i for i in group if i in work]
+            if not members:
+                continue
+            norms = torch._foreach_norm([self.targets[i].tensor for i in members], 2, dtype=dtype)
+            for i, ok in zip(members, torch.stack(norms).isfinite().tolist(), strict=True):
+                finite[i] = bool(ok) or bool(torch.isfinite(self.targets[i].tensor).all())
+        return finite
+
+    def _problems(self, work: list[int], scales: Sequence[float], alpha: float, seed: int,
+                  step: int) -> dict[int, str]:
+        """Why adding noise to a target now would train on inf/NaN, agreed by every rank under sharding."""
+        finite = self._finite(set(work))
+        problems: dict[int, str] = {}
+        for i in work:
+            target = self.targets[i]
+            if not finite[i]:
+                problems[i] = (
+                    f"parameter {target.name!r} holds inf or NaN at noise step {step}, before noise was added: the"
+                    " optimizer step produced it (check the loss, the learning rate and the gradients)."
+                )
+            elif _may_overflow(target.tensor.dtype, alpha):
+                # Draw the noise to check, and again to apply, rather than hold a float32 copy of every fp16 tensor.
+                noise, _ = scaled_noise(target, alpha, scales[i], self.structure, noise_key(seed, step, target.name))
+                if not bool((target.tensor.float() + noise).abs().max() <= torch.finfo(target.tensor.dtype).max):
+                    problems[i] = (
+                        f"noise would overflow parameter {target.name!r} ({target.tensor.dtype}) at noise step {step};"
+                        " nothing was changed. Lower sigma or keep master weights in float32."
+                    )
+        if self.sharded and _distributed():
+            # the rank whose part holds the problem must not be the only one to stop: a hang, or a parameter noised on
+            # some ranks only. One all-reduce of one flag per target.
+            flags = all_ranks_max(torch.tensor([i in problems for i in work], dtype=torch.int32)).tolist()
+            for i, flag in zip(work, flags, strict=True):
+                if flag and i not in problems:
+                    problems[i] = (
+                        f"parameter {self.targets[i].name!r} holds inf or NaN, or would overflow, in another rank's"
+                        f" part at noise step {step}; nothing was changed on any rank."
+                    )
+        return problems
+
+    @torch.no_grad()
+    def apply(self, scales: Sequence[float], alpha: float, *, seed: int, step: int, on_nonfinite: str = "raise",
+              track_max: bool = False) -> NoiseStats:
+        """Add one step's noise, ``scales[i]`` times the scale-1 noise of target ``i``; all checks before any write.
+
+        Raises:
+            NonFiniteParameterError: with ``on_nonfinite="raise"``, before anything is changed.
+        """
+        stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
+        work = [i for i, scale in enumerate(scales) if scale > 0.0]
+        skipped: set[int] = set()
+        if on_nonfinite != "ignore" and work:
+            for i, problem in sorted(self._problems(work, scales, alpha, seed, step).items()):
+                if on_nonfinite == "raise":
+                    raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
+                skipped.add(i)
+                stats.skipped.append(self.targets[i].name)
+        todo = set(work) - skipped
+        largest = torch.zeros((), dtype=torch.float64)
+        step_key = derive_key(seed, step)
+        for batch in self._batches:
+            if not todo.intersection(batch.members):
+                continue
+            for noise in self._add_batch(batch, todo, scales, alpha, seed, step, step_key, stats):
+                if track_max and noise.numel() > 0:
+                    largest = torch.maximum(largest, noise.abs().max().double().cpu())
+        stats.noised = [self.targets[i].name for i in sorted(todo)]
+        if track_max:
+            # the largest over the whole parameters: under sharding each rank saw only its part
+            stats.max_abs_noise = float(all_ranks_max(largest) if self.sharded else largest)
+        return stats
+
+    def _add_batch(self, batch: _Batch, todo: set[int], scales: Sequence[float], alpha: float, seed: int, step: int,
+                   step_key: tuple[int, int], stats: NoiseStats) -> list[Tensor]:
+        """Draw and add one batch's noise; the noise tensors drawn (whole batches: one buffer per run)."""
+        if batch.segments is None:
+            (i,) = batch.members
+            target = self.targets[i]
+            noise, stats.paths[target.name] = scaled_noise(target, alpha, scales[i], self.structure,
+                                                           noise_key(seed, step, target.name))
+            target.tensor.add_(noise)  # fp16/bf16: computed in float32, rounded once
+            return [noise]
+        draws, mixing = self._batch_draws(batch, batch.segments, step_key, alpha)
+        finfo = torch.finfo(batch.dtype)
+        drawn, offset, row_offset = [], 0, 0
+        for shape, members in batch.segments.runs:
+            units = unit_shape(shape)
+            per_member = units if self.structure == "neuron" else shape
+            size = per_member.numel() * len(members)
+            block = draws[offset:offset + size].view(len(members), *per_member)
+            offset += size
+            if mixing is not None:
+                rows = units.numel() * len(members)
+                block = block.mul_(mixing[row_offset:row_offset + rows].sqrt().view(len(members), *units))
+                row_offset += rows
+            # the operations of scaled_noise, in its order, so every member gets bitwise its noise drawn alone
+            run_scales = [scales[i] for i in members]
+            if len(set(run_scales)) == 1:
+                block = block.mul_(run_scales[0])
+            else:
+                factor = torch.tensor(run_scales, dtype=batch.dtype, device=batch.device)
+                block = block.mul_(factor.view(len(members), *([1] * len(per_member))))
+            block = block.clamp_(finfo.min, finfo.max)
+            noises = block.expand(len(members), *shape).unbind(0)
+            chosen = [k for k, i in enumerate(members) if i in todo]
+            torch._foreach_add_([self.targets[members[k]].tensor for k in chosen], [noises[k] for k in chosen])
+            drawn.append(block[chosen] if len(chosen) < len(members) else block)
+            stats.paths.update((self.targets[members[k]].name, "eager") for k in chosen)
+        return drawn
+
+    def _batch_draws(self, batch: _Batch, segments: _Segments, step_key: tuple[int, int],
+                     alpha: float) -> tuple[Tensor, Tensor | None]:
+        """Scale-1 draws of a batch, concatenated in member order.
+
+        Units (neuron) or entries row-major; for elliptical the Gaussian part times sqrt(2), and the mixing variable
+        of every unit (None at alpha 2).
+        """
+        words = segments.words ^ torch.tensor(step_key, dtype=torch.int64, device=batch.device)
+        seg_words = words[segments.main_seg]
+        # alpha as a tensor of the compute dtype, as stable._run passes it: (1 - alpha) / alpha must round alike
+        alpha_t = torch.tensor(alpha, dtype=batch.dtype, device=batch.device)
+        kind = "normal" if self.structure == "elliptical" else "stable"
+        draws = _draws(kind, seg_words[:, 0], seg_words[:, 1], segments.main_index, alpha_t, batch.dtype)
+        if self.structure != "elliptical":
+            return draws, None
+        draws = draws.mul_(math.sqrt(2.0))
+        if alpha == 2.0:
+            return draws, None
+        row_words = (words ^ torch.tensor(_MIXING_WORDS, device=batch.device))[segments.row_seg]
+        half_alpha = torch.tensor(alpha / 2.0, dtype=batch.dtype, device=batch.device)
+        return draws, _draws("positive_stable", row_words[:, 0], row_words[:, 1], segments.row_index, half_alpha,
+                             batch.dtype)
