@@ -42,7 +42,7 @@ class CountingForward:
     """``forward_fn`` for PruneEvalCallback that counts the evaluation samples this rank sees (to show the sharding).
 
     It also sees the callback's output checks: one forward on the rank's first batch at fit start and one before each
-    curve.
+    curve and each epsilon point.
     """
 
     def __init__(self) -> None:
@@ -93,8 +93,12 @@ class DDPReport(pl.Callback):
             "noise_steps": gathered["noise_step"].tolist(),
             "samples_evaluated": gathered["samples_evaluated"].tolist(),
             "test_samples": len(datamodule.data.test),
-            "evaluations": sum(len(entry["curves"]) * len(SPARSITIES) for entry in self.prune_eval.history),
-            "output_checks": 1 + sum(len(entry["curves"]) for entry in self.prune_eval.history),
+            # one pass per level of each curve, and one for the epsilon point
+            "evaluations": sum(len(entry["curves"]) * len(SPARSITIES) + bool(entry["at_epsilon"])
+                               for entry in self.prune_eval.history),
+            # one at fit start, one before each curve and before each epsilon point
+            "output_checks": 1 + sum(len(entry["curves"]) + bool(entry["at_epsilon"])
+                                     for entry in self.prune_eval.history),
             "sparsities": curve["sparsities"],
             "accuracy_per_rank": gathered["accuracy"].tolist(),
             "accuracy_single_process": next(iter(reference.metrics.values())),

@@ -43,14 +43,17 @@ from lightning_heavytail._checks import check_int
 from lightning_heavytail.compressibility import DEFAULT_REPORT_SPARSITIES, compressibility_report
 from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
+    EpsilonPoint,
     ForwardFn,
     OutputKey,
     PruningCurve,
     check_prunable,
+    evaluate_at_epsilon,
     evaluate_pruning_curve,
     level_label,
     rng_preserved,
     tensor_view,
+    validate_epsilon,
     validate_forward,
     validate_method,
     validate_sparsities,
@@ -98,12 +101,16 @@ class PruneEvalCallback(Callback):
     - ``pruning/{method}/measured_sparsity@{level}``: the measured fraction pruned at that level;
     - ``pruning/auc`` (first method, ``auc_metric``) and ``pruning/{method}/auc``: the area under the metric-vs-measured
       sparsity curve, normalised by the sparsity span (the curve's mean value);
+    - the paper's measurement (``epsilon_point=True``), through ``evaluate_at_epsilon`` on the tensors the curves
+      prune: ``pruning/at_epsilon/{metric}``, the metric of the model with each layer pruned at its epsilon point (the
+      most units of smallest squared norm within ``epsilon`` of its squared Frobenius norm, no fine-tuning);
+      ``pruning/at_epsilon/ratio``, the units pruned over all units; ``pruning/at_epsilon/ratio/{name}`` per layer;
     - ``pruning/{key}`` for every key of the compressibility report (``compressibility=True``).
 
-    With a ``TensorBoardLogger``, a figure of every method's curves (one line per
-    evaluated epoch) goes to the images tab under ``pruning/{method}/curve``. The history is written after every
-    evaluation as ``{history_stem}.json`` and ``.csv`` into ``trainer.log_dir`` (``default_root_dir`` without a
-    logger): ``prune_eval.json`` with the default prefix, ``prune_eval_{log_prefix}.json`` with another. Two
+    With a ``TensorBoardLogger``, a figure of every method's curves (one line per evaluated epoch, the epsilon point a
+    star) goes to the images tab under ``pruning/{method}/curve``. The history is written after every evaluation as
+    ``{history_stem}.json`` and ``.csv`` into ``trainer.log_dir`` (``default_root_dir`` without a logger):
+    ``prune_eval.json`` with the default prefix, ``prune_eval_{log_prefix}.json`` with another. Two
     PruneEvalCallbacks with the same ``log_prefix`` (or the same history files) are refused at setup.
 
     Args:
@@ -120,11 +127,13 @@ class PruneEvalCallback(Callback):
         forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(x, y)``.
         output_key: read the predictions as ``model(x)[output_key]`` when the model returns a dict (``"logits"``) or a
             tuple (an index); only without ``forward_fn``.
-        epsilon: relative squared-norm budget of the "fraction prunable" measure, in ``[0, 1]``.
+        epsilon: relative squared-norm budget of the epsilon point and of the "fraction prunable" measure, in
+            ``[0, 1]`` (0.1 in the authors' code).
         report_sparsities: levels of the best-k error in the compressibility report; ``None``: the nonzero levels of
             ``sparsities``.
         log_prefix: prefix of every logged name.
         compressibility: compute and log the compressibility report.
+        epsilon_point: evaluate and log the model pruned at the epsilon point (one more pass over the data).
         log_figure: send the curve figure to every ``TensorBoardLogger``.
         filename: base name of the JSON and CSV files written into the run directory (followed by the prefix when it
             is not the default, see ``history_stem``); ``None`` writes no files.
@@ -192,6 +201,7 @@ class PruneEvalCallback(Callback):
         report_sparsities: Sequence[float] | None = None,
         log_prefix: str = _DEFAULT_PREFIX,
         compressibility: bool = True,
+        epsilon_point: bool = True,
         log_figure: bool = True,
         filename: str | None = "prune_eval",
         auc_metric: str | None = None,
@@ -210,15 +220,15 @@ class PruneEvalCallback(Callback):
             validate_selector(params, "params")
         exclude = validate_exclude(exclude)
         validate_forward(forward_fn, output_key)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
+        epsilon = validate_epsilon(epsilon)
         if report_sparsities is None:
             report_levels = tuple(level for level in self.sparsities if level > 0.0) or DEFAULT_REPORT_SPARSITIES
         else:
             report_levels = validate_sparsities(report_sparsities, "report_sparsities")
         if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
             raise ValueError(f"`log_prefix` must be a non-empty string not ending in '/', got {log_prefix!r}")
-        for name, flag in (("compressibility", compressibility), ("log_figure", log_figure)):
+        for name, flag in (("compressibility", compressibility), ("epsilon_point", epsilon_point),
+                           ("log_figure", log_figure)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}")
         if filename is not None and (
@@ -244,6 +254,7 @@ class PruneEvalCallback(Callback):
         self.report_sparsities: tuple[float, ...] = report_levels
         self.log_prefix = log_prefix
         self.compressibility = compressibility
+        self.epsilon_point = epsilon_point
         self.log_figure = log_figure
         self.filename = filename
         self.auc_metric = auc_metric
@@ -402,7 +413,7 @@ class PruneEvalCallback(Callback):
         return batches
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Evaluate the curves and the compressibility report, record, log, plot and write them."""
+        """Evaluate the curves, the epsilon point and the compressibility report; record, log, plot, write them."""
         batches = self._batches if self._batches is not None else self._prepare(trainer, pl_module)
         curves: dict[str, PruningCurve] = {}
         with trainer.precision_plugin.forward_context(), _rank_zero_buffers(pl_module, trainer.world_size):
@@ -419,9 +430,21 @@ class PruneEvalCallback(Callback):
                     exclude=self.exclude,
                     device=pl_module.device,
                 )
+            pruned = set(curves[self.methods[0]].params)  # the report and the epsilon point: the curves' tensors
+            point = None
+            if self.epsilon_point:
+                point = evaluate_at_epsilon(
+                    pl_module,
+                    batches,
+                    epsilon=self.epsilon,
+                    metrics=self.metrics,
+                    forward_fn=self.forward_fn,
+                    output_key=self.output_key,
+                    params=lambda name, _: name in pruned,
+                    device=pl_module.device,
+                )
         report: dict[str, float] = {}
         if self.compressibility:
-            pruned = set(curves[self.methods[0]].params)  # the report measures exactly the tensors the curves prune
             report = compressibility_report(
                 tensor_view(pl_module),
                 params=lambda name, _: name in pruned,
@@ -436,6 +459,7 @@ class PruneEvalCallback(Callback):
             "compressibility": {key: float(value) for key, value in report.items()},
             "auc": {method: float(curve.area_under_curve(auc_metric)) for method, curve in curves.items()},
             "auc_metric": auc_metric,
+            "at_epsilon": _epsilon_record(point, pl_module) if point is not None else {},
         }
         self.history = [old for old in self.history if old["epoch"] != entry["epoch"]] + [entry]
 
@@ -480,6 +504,13 @@ class PruneEvalCallback(Callback):
                 put(f"{p}/{method}/measured_sparsity@{level}", curve.sparsities[j])
             put(f"{p}/{method}/auc", entry["auc"][method])
         put(f"{p}/auc", entry["auc"][self.methods[0]])
+        at_epsilon = entry["at_epsilon"]
+        if at_epsilon:
+            for metric, value in at_epsilon["metrics"].items():
+                put(f"{p}/at_epsilon/{metric}", value)
+            put(f"{p}/at_epsilon/ratio", at_epsilon["ratio"])
+            for name, ratio in at_epsilon["ratios"].items():
+                put(f"{p}/at_epsilon/ratio/{name}", ratio)
         for key, value in entry["compressibility"].items():
             put(f"{p}/{key}", value)
         return out
@@ -679,6 +710,22 @@ def _first_batch(batches: Iterable[Any], device: torch.device) -> Any:
 # ---------------------------------------------------------------------- names, history, files, figures
 
 
+def _epsilon_record(point: EpsilonPoint, model: nn.Module) -> dict[str, Any]:
+    """The epsilon point for the history: ``EpsilonPoint.to_dict()`` and where it lies on the curves' x-axes.
+
+    ``sparsity``: the fraction of the pruned tensors' entries it zeroes (the mask methods' x-axis); ``removed``: the
+    fraction of all the model's parameters it zeroes (the ``"structured"`` x-axis). A unit holds ``numel / units``
+    entries, so a layer pruned at ratio ``r`` loses ``r * numel`` of them.
+    """
+    sizes = {name: tensor.numel() for name, tensor in tensor_view(model).named_parameters()}
+    zeroed = sum(ratio * sizes[name] for name, ratio in point.ratios.items())
+    return {
+        **point.to_dict(),
+        "sparsity": zeroed / sum(sizes[name] for name in point.ratios),
+        "removed": zeroed / sum(p.numel() for p in model.parameters()),
+    }
+
+
 def _normalize_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """A history entry with every field present (defaults for fields a checkpoint of an older version lacks)."""
     out = dict(entry)
@@ -688,11 +735,17 @@ def _normalize_entry(entry: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("compressibility", {})
     out.setdefault("auc", {})
     out.setdefault("auc_metric", DEFAULT_METRIC_KEY)
+    out.setdefault("at_epsilon", {})
     return out
 
 
 def _write_history(history: list[dict[str, Any]], methods: Sequence[str], directory: str, filename: str) -> None:
-    """Write ``{filename}.json`` (everything) and ``{filename}.csv`` (one row per epoch, method and level)."""
+    """Write ``{filename}.json`` (everything) and ``{filename}.csv``.
+
+    The CSV has one row per epoch, method and level, and one per epoch for the epsilon point (method ``at_epsilon``,
+    ``requested`` the epsilon, ``sparsity`` the fraction of the pruned entries it zeroes, ``epsilon_ratio`` the
+    fraction of units).
+    """
     fs = get_filesystem(directory)
     fs.makedirs(directory, exist_ok=True)
     with fs.open(os.path.join(directory, f"{filename}.json"), "w") as f:
@@ -700,24 +753,31 @@ def _write_history(history: list[dict[str, Any]], methods: Sequence[str], direct
 
     metric_names: list[str] = []
     for entry in history:
-        for curve in entry["curves"].values():
-            metric_names += [name for name in curve["metrics"] if name not in metric_names]
+        for curve in [*entry["curves"].values(), entry["at_epsilon"]]:
+            metric_names += [name for name in curve.get("metrics", {}) if name not in metric_names]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["epoch", "global_step", "method", "requested", "sparsity", *metric_names])
+    writer.writerow(["epoch", "global_step", "method", "requested", "sparsity", *metric_names, "epsilon_ratio"])
     for entry in history:
         for method, curve in entry["curves"].items():
             for j, (requested, measured) in enumerate(zip(curve["requested"], curve["sparsities"], strict=True)):
                 values = [curve["metrics"][name][j] if name in curve["metrics"] else "" for name in metric_names]
-                writer.writerow([entry["epoch"], entry["global_step"], method, requested, measured, *values])
+                writer.writerow([entry["epoch"], entry["global_step"], method, requested, measured, *values, ""])
+        point = entry["at_epsilon"]
+        if point:
+            values = [point["metrics"].get(name, "") for name in metric_names]
+            writer.writerow([entry["epoch"], entry["global_step"], "at_epsilon", point["epsilon"], point["sparsity"],
+                             *values, point["ratio"]])
     with fs.open(os.path.join(directory, f"{filename}.csv"), "w") as f:
         f.write(buffer.getvalue())
 
 
-def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> Any:
-    """An RGB image (H, W, 3 uint8 array) of ``method``'s curves, one line per evaluated epoch, drawn with Agg."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _curves_figure(history: list[dict[str, Any]], method: str, title: str) -> Any:
+    """A matplotlib Figure of ``method``'s curves, one line per evaluated epoch, its epsilon point as a star.
+
+    The star sits at the epsilon point's accuracy (or other metric) and at its place on this method's x-axis: the
+    fraction of the pruned entries it zeroes, or for ``"structured"`` the fraction of all parameters.
+    """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
@@ -725,20 +785,24 @@ def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> An
     entries = [entry for entry in history if method in entry["curves"]]
     metric_names = list(entries[-1]["curves"][method]["metrics"]) if entries else []
     figure = Figure(figsize=(4.5 * max(1, len(metric_names)), 3.6), dpi=80, layout="constrained")
-    canvas = FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(1, len(metric_names)), squeeze=False)[0]
     epochs = [entry["epoch"] for entry in entries]
     norm = Normalize(vmin=min(epochs, default=0), vmax=max(max(epochs, default=0), min(epochs, default=0) + 1))
     cmap = "viridis"
     mappable = ScalarMappable(norm=norm, cmap=cmap)
+    x_key = "removed" if method == "structured" else "sparsity"
     for ax, name in zip(axes, metric_names, strict=False):
+        starred = False
         for entry in entries:
-            curve = entry["curves"][method]
+            curve, point, color = entry["curves"][method], entry["at_epsilon"], mappable.to_rgba(entry["epoch"])
             if name in curve["metrics"]:
-                ax.plot(
-                    curve["sparsities"], curve["metrics"][name], marker="o", markersize=3,
-                    color=mappable.to_rgba(entry["epoch"]), label=f"epoch {entry['epoch']}",
-                )
+                ax.plot(curve["sparsities"], curve["metrics"][name], marker="o", markersize=3, color=color,
+                        label=f"epoch {entry['epoch']}")
+            if point and name in point["metrics"]:
+                ax.plot([point[x_key]], [point["metrics"][name]], marker="*", markersize=12, linestyle="none",
+                        color=color, markeredgecolor="black",
+                        label=None if starred else f"epsilon point (epsilon={point['epsilon']:g})")
+                starred = True
         ax.set_xlabel("measured sparsity")
         ax.set_ylabel(name)
         ax.set_xlim(0.0, 1.0)
@@ -748,5 +812,14 @@ def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> An
     else:
         figure.colorbar(mappable, ax=list(axes), label="epoch")
     figure.suptitle(title)
+    return figure
+
+
+def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> Any:
+    """``_curves_figure`` as an RGB image (H, W, 3 uint8 array), drawn with Agg (no display, no pyplot state)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(_curves_figure(history, method, title))
     canvas.draw()  # type: ignore[no-untyped-call]
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]

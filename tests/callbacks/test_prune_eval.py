@@ -22,7 +22,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard, _ShardedBatches
-from lightning_heavytail.pruning import evaluate_pruning_curve
+from lightning_heavytail.pruning import evaluate_at_epsilon, evaluate_pruning_curve
 
 LEVELS = (0.0, 0.5, 0.8, 0.95)
 
@@ -219,7 +219,7 @@ class TrainOnlyDataModule(LightningDataModule):
         ({"params": 3}, TypeError, "`params`"),
         ({"exclude": 3}, ValueError, "`exclude` must be a glob pattern or a sequence of patterns, got 3"),
         ({"forward_fn": 3}, TypeError, "`forward_fn` must be None or a callable"),
-        ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\], got -0.1"),
+        ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\] \(a share of .*\), got -0.1"),
         ({"epsilon": 1.5}, ValueError, "`epsilon`"),
         ({"report_sparsities": (0.9, 0.5)}, ValueError, "`report_sparsities`"),
         ({"output_key": 1.5}, TypeError, r"`output_key` must be None, a key \(str\) or an index \(int\).*got float"),
@@ -588,8 +588,9 @@ def test_csv_logger_and_history_files(tmp_path: Path) -> None:
     )
     with open(Path(logger.log_dir) / "prune_eval.csv") as f:
         history_rows = list(csv.DictReader(f))
-    assert len(history_rows) == 2 * 2 * 3  # epochs x methods x levels
-    assert list(history_rows[0]) == ["epoch", "global_step", "method", "requested", "sparsity", "accuracy"]
+    assert len(history_rows) == 2 * 2 * 3 + 2  # epochs x methods x levels, and the epsilon point of each epoch
+    assert list(history_rows[0]) == ["epoch", "global_step", "method", "requested", "sparsity", "accuracy",
+                                     "epsilon_ratio"]
     last = [row for row in history_rows if row["epoch"] == "1" and row["method"] == "global"]
     assert [float(row["accuracy"]) for row in last] == callback.history[1]["curves"]["global"]["metrics"]["accuracy"]
     assert [float(row["sparsity"]) for row in last] == callback.history[1]["curves"]["global"]["sparsities"]
@@ -628,7 +629,8 @@ def test_state_dict_round_trip_and_defaults() -> None:
     assert fresh.history == []
     fresh.load_state_dict({"history": [{"epoch": 2}]})
     assert fresh.history == [
-        {"epoch": 2, "global_step": -1, "curves": {}, "compressibility": {}, "auc": {}, "auc_metric": "accuracy"}
+        {"epoch": 2, "global_step": -1, "curves": {}, "compressibility": {}, "auc": {}, "auc_metric": "accuracy",
+         "at_epsilon": {}}
     ]
 
 
@@ -797,6 +799,11 @@ def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Pa
         for method in methods:
             single = evaluate_pruning_curve(model, data, LEVELS, method=method, metrics=counting_metrics())
             assert histories[prefix][-1]["curves"][method] == single.to_dict(), (prefix, method)
+        # the epsilon point too, its count showing that it also saw every sample once
+        point = evaluate_at_epsilon(model, data, metrics=counting_metrics()).to_dict()
+        logged = histories[prefix][-1]["at_epsilon"]
+        assert {k: v for k, v in logged.items() if k not in ("sparsity", "removed")} == point, prefix
+        assert logged["metrics"]["count"] == len(data.dataset)
     assert held[0]["callback_metrics"]["given/auc"] == pytest.approx(histories["given"][-1]["auc"]["global"], abs=1e-6)
     assert math.isfinite(held[0]["callback_metrics"]["dm/fraction_prunable/total"])
 
@@ -1031,6 +1038,10 @@ def test_ddp_with_batchnorm_logs_the_curve_of_the_saved_model(tmp_path: Path) ->
         single = evaluate_pruning_curve(model, loader(37, 10, 4), LEVELS, method=method)
         for rank in range(2):
             assert held[rank]["histories"]["pruning"][-1]["curves"][method] == single.to_dict(), (rank, method)
+    point = evaluate_at_epsilon(model, loader(37, 10, 4)).to_dict()
+    for rank in range(2):
+        logged = held[rank]["histories"]["pruning"][-1]["at_epsilon"]
+        assert {k: v for k, v in logged.items() if k not in ("sparsity", "removed")} == point, rank
     # with rank 1's statistics the same model scores differently: what the curve would be without the fix
     model.load_state_dict({**saved, **{k: v for k, v in before[1].items()}})
     other = evaluate_pruning_curve(model, loader(37, 10, 4), LEVELS, method="global")
@@ -1090,3 +1101,131 @@ def test_mid_epoch_resume_replays_the_epochs_first_batches_as_the_docs_say(tmp_p
     docs = (Path(__file__).parents[2] / "docs" / "noise_callback.md").read_text()
     assert "resumed run trained steps 7-11 on samples `[0,1] [2,3] [4,5] [6,7] [8,9]`" in docs
     assert "uninterrupted one on `[2,3] [4,5] [6,7] [8,9] [10,11]`" in docs
+
+
+# --------------------------------------------------------------------------- issue 9: the epsilon point
+
+
+def rows_within_epsilon(weight: Tensor, epsilon: float) -> list[int]:
+    """The authors' criterion in plain Python: rows by squared norm, smallest first (lower index on ties), while
+    their sum stays within epsilon of the total."""
+    squared = [float(sum(v * v for v in row)) for row in weight.detach().double().tolist()]
+    order = sorted(range(len(squared)), key=lambda i: (squared[i], i))
+    budget, total, chosen = epsilon * sum(squared), 0.0, []
+    for i in order:
+        if total + squared[i] > budget:
+            break
+        total += squared[i]
+        chosen.append(i)
+    return chosen
+
+
+class TwoHidden(LightningModule):
+    """Bias-free, two hidden layers of different widths: the epsilon point prunes them to different ratios."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 30, bias=False), nn.Linear(30, 20, bias=False), nn.Linear(20, 3)
+        with torch.no_grad():  # very unequal rows, as heavy-tailed training leaves them
+            self.fc1.weight.mul_(torch.logspace(-2, 1, 30).unsqueeze(1))
+            self.fc2.weight.mul_(torch.logspace(-1.5, 0.5, 20).unsqueeze(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.3])
+def test_epsilon_point_logged_against_an_independent_computation_and_the_core(tmp_path: Path, epsilon: float) -> None:
+    torch.manual_seed(0)
+    data = dataset(60, seed=7)
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("neuron", "global", "structured"),
+                                 dataloader=DataLoader(data, batch_size=16), epsilon=epsilon)
+    model = TwoHidden()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    trainer.fit(model, loader(32, 1))  # the last evaluation saw the final weights
+    point = callback.history[-1]["at_epsilon"]
+    # by hand: each hidden layer's rows within epsilon zeroed, the output layer never, the model run once
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
+    rows = {name: rows_within_epsilon(w, epsilon) for name, w in weights.items()}
+    ratios = {name: len(rows[name]) / w.shape[0] for name, w in weights.items()}
+    assert point["ratios"] == ratios
+    assert 0.0 < ratios["fc2.weight"] < ratios["fc1.weight"] < 1.0  # two different ratios, neither trivial
+    assert point["ratio"] == (len(rows["fc1.weight"]) + len(rows["fc2.weight"])) / 50
+    w1, w2 = weights["fc1.weight"].clone(), weights["fc2.weight"].clone()
+    w1[rows["fc1.weight"]] = 0.0
+    w2[rows["fc2.weight"]] = 0.0
+    x, y = data.tensors
+    with torch.no_grad():
+        logits = model.out(torch.relu(torch.relu(x @ w1.T) @ w2.T))
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    assert point["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # where the star goes: the share of the pruned entries zeroed, and of all parameters
+    zeroed = len(rows["fc1.weight"]) * 8 + len(rows["fc2.weight"]) * 30
+    assert point["sparsity"] == pytest.approx(zeroed / (30 * 8 + 20 * 30))
+    assert point["removed"] == pytest.approx(zeroed / sum(p.numel() for p in model.parameters()))
+    # the functional core gives the same point; the report's fraction prunable is the same ratio
+    core = evaluate_at_epsilon(model, DataLoader(data, batch_size=16), epsilon=epsilon)
+    assert {k: v for k, v in point.items() if k not in ("sparsity", "removed")} == core.to_dict()
+    assert point["ratio"] == callback.history[-1]["compressibility"]["fraction_prunable/total"]
+    # logged under the prefix, per layer too
+    metrics = trainer.callback_metrics
+    assert metrics["pruning/at_epsilon/accuracy"].item() == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["pruning/at_epsilon/ratio"].item() == pytest.approx(point["ratio"])
+    for name, ratio in ratios.items():
+        assert metrics[f"pruning/at_epsilon/ratio/{name}"].item() == pytest.approx(ratio)
+    assert "pruning/at_epsilon/ratio/out.weight" not in metrics
+    # the files mark it: a JSON field and a CSV row per epoch
+    with open(Path(logger.log_dir) / "prune_eval.json") as f:
+        assert json.load(f)["history"][-1]["at_epsilon"] == json.loads(json.dumps(point))
+    with open(Path(logger.log_dir) / "prune_eval.csv") as f:
+        rows_csv = [row for row in csv.DictReader(f) if row["method"] == "at_epsilon"]
+    assert [row["epoch"] for row in rows_csv] == ["0", "1"]
+    assert float(rows_csv[-1]["requested"]) == epsilon and float(rows_csv[-1]["epsilon_ratio"]) == point["ratio"]
+    assert float(rows_csv[-1]["accuracy"]) == point["metrics"]["accuracy"]
+    assert float(rows_csv[-1]["sparsity"]) == point["sparsity"]
+
+
+def test_epsilon_point_follows_the_prefix_and_can_be_turned_off(tmp_path: Path) -> None:
+    named = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), log_prefix="eval", compressibility=False)
+    off = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), epsilon_point=False, filename=None)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[named, off])
+    trainer.fit(PlainMLP(), loader(32, 1))
+    assert {"eval/at_epsilon/accuracy", "eval/at_epsilon/ratio", "eval/at_epsilon/ratio/hidden.weight"} <= set(
+        trainer.callback_metrics)
+    assert not any(name.startswith("pruning/at_epsilon") for name in trainer.callback_metrics)
+    assert off.history[-1]["at_epsilon"] == {}
+    with pytest.raises(TypeError, match="`epsilon_point` must be True or False"):
+        PruneEvalCallback(epsilon_point=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["neuron", "structured"])
+def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
+    from lightning_heavytail.callbacks.prune_eval import _curves_figure, _render_curves
+
+    def entry(epoch: int, star: bool) -> dict[str, Any]:
+        curve = {"method": method, "requested": [0.0, 0.5], "sparsities": [0.0, 0.45],
+                 "metrics": {"accuracy": [0.9, 0.7]}, "params": ["fc1.weight"]}
+        point = {"epsilon": 0.1, "ratios": {"fc1.weight": 0.3}, "ratio": 0.3,
+                 "metrics": {"accuracy": 0.85 + epoch / 100}, "sparsity": 0.3, "removed": 0.2}
+        return {"epoch": epoch, "curves": {method: curve}, "at_epsilon": point if star else {}}
+
+    history = [entry(0, True), entry(1, True)]
+    figure = _curves_figure(history, method, "t")
+    stars = [line for line in figure.axes[0].lines if line.get_marker() == "*"]
+    x = 0.2 if method == "structured" else 0.3  # on this method's x-axis
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in stars] == [([x], [0.85]), ([x], [0.86])]
+    assert [line.get_color() for line in stars] == [line.get_color() for line in figure.axes[0].lines
+                                                    if line.get_marker() == "o"]  # each in its epoch's colour
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels.count("epsilon point (epsilon=0.1)") == 1
+    without = [entry(0, False), entry(1, False)]
+    assert not any(line.get_marker() == "*" for line in _curves_figure(without, method, "t").axes[0].lines)
+    assert _render_curves(history, method, "t").shape[2] == 3
