@@ -706,3 +706,18 @@ def test_level_labels_tell_any_two_levels_apart() -> None:
     labels = [level_label(s) for s in levels]
     assert len(set(labels)) == len(set(levels))
     assert all(float(label) == level for label, level in zip(labels, levels, strict=True))  # exact
+
+
+def test_epsilon_point_of_a_parametrized_weight_is_that_of_its_effective_weight() -> None:
+    from lightning_heavytail.pruning import evaluate_at_epsilon
+
+    model, data = weight_normed(), batches()
+    with torch.no_grad():
+        model[0].parametrizations.weight.original0.mul_(torch.logspace(-2, 1, 12).unsqueeze(1))
+    before = snapshot(model)
+    point = evaluate_at_epsilon(model, data, epsilon=0.1)
+    plain = copy.deepcopy(model)
+    torch.nn.utils.parametrize.remove_parametrizations(plain[0], "weight")
+    assert point == evaluate_at_epsilon(plain, data, epsilon=0.1)  # same ratios and accuracy, by the name 0.weight
+    assert list(point.ratios) == ["0.weight"] and 0.0 < point.ratio < 1.0
+    assert_unchanged(model, before)

@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard, _ShardedBatches
 from lightning_heavytail.pruning import evaluate_at_epsilon, evaluate_pruning_curve
+from tests.test_pruning_epsilon import rows_to_prune
 
 LEVELS = (0.0, 0.5, 0.8, 0.95)
 
@@ -1106,20 +1107,6 @@ def test_mid_epoch_resume_replays_the_epochs_first_batches_as_the_docs_say(tmp_p
 # --------------------------------------------------------------------------- issue 9: the epsilon point
 
 
-def rows_within_epsilon(weight: Tensor, epsilon: float) -> list[int]:
-    """The authors' criterion in plain Python: rows by squared norm, smallest first (lower index on ties), while
-    their sum stays within epsilon of the total."""
-    squared = [float(sum(v * v for v in row)) for row in weight.detach().double().tolist()]
-    order = sorted(range(len(squared)), key=lambda i: (squared[i], i))
-    budget, total, chosen = epsilon * sum(squared), 0.0, []
-    for i in order:
-        if total + squared[i] > budget:
-            break
-        total += squared[i]
-        chosen.append(i)
-    return chosen
-
-
 class TwoHidden(LightningModule):
     """Bias-free, two hidden layers of different widths: the epsilon point prunes them to different ratios."""
 
@@ -1154,7 +1141,7 @@ def test_epsilon_point_logged_against_an_independent_computation_and_the_core(tm
     point = callback.history[-1]["at_epsilon"]
     # by hand: each hidden layer's rows within epsilon zeroed, the output layer never, the model run once
     weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
-    rows = {name: rows_within_epsilon(w, epsilon) for name, w in weights.items()}
+    rows = {name: rows_to_prune(w.numpy(), epsilon) for name, w in weights.items()}  # the criterion in plain Python
     ratios = {name: len(rows[name]) / w.shape[0] for name, w in weights.items()}
     assert point["ratios"] == ratios
     assert 0.0 < ratios["fc2.weight"] < ratios["fc1.weight"] < 1.0  # two different ratios, neither trivial
