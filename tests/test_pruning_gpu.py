@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_heavytail import PruneEvalCallback
 from lightning_heavytail.pruning import MASK_METHODS, check_prunable, evaluate_at_epsilon, evaluate_pruning_curve
+from tests.callbacks.test_prune_eval import TinyNet
 from tests.helpers import loader
 from tests.test_pruning import assert_unchanged, batches, snapshot
 
@@ -63,27 +64,10 @@ def test_curves_and_epsilon_point_on_cuda_are_the_cpu_ones() -> None:
     assert torch.equal(torch.cuda.get_rng_state(), rng)
 
 
-class DropoutNet(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 64),
-                                 nn.ReLU(), nn.Linear(64, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 def test_gpu_fit_logs_the_epsilon_point_and_trains_as_without_the_callback(tmp_path: Any) -> None:
-    def fit(with_callback: bool) -> tuple[DropoutNet, list[PruneEvalCallback]]:
+    def fit(with_callback: bool) -> tuple[TinyNet, list[PruneEvalCallback]]:
         torch.manual_seed(0)
-        model = DropoutNet()
+        model = TinyNet(width=64)  # BatchNorm and dropout
         callbacks = [PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("neuron", "global"),
                                        dataloader=loader(48), filename=None)] if with_callback else []
         pl.Trainer(accelerator="gpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
@@ -96,6 +80,6 @@ def test_gpu_fit_logs_the_epsilon_point_and_trains_as_without_the_callback(tmp_p
     for key, value in model.state_dict().items():  # the evaluation moved neither the weights nor the dropout RNG
         assert torch.equal(value, plain.state_dict()[key]), key
     entry = callback.history[-1]
-    assert entry["curves"]["neuron"]["params"] == ["net.0.weight", "net.4.weight"]  # not the output layer
+    assert entry["curves"]["neuron"]["params"] == ["net.0.weight"]  # not the output layer net.4
     point = evaluate_at_epsilon(model, loader(48)).to_dict()
     assert {k: v for k, v in entry["at_epsilon"].items() if k not in ("sparsity", "removed")} == point
