@@ -39,7 +39,11 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
 
 
 class CountingForward:
-    """``forward_fn`` for PruneEvalCallback that counts the evaluation samples this rank sees (to show the sharding)."""
+    """``forward_fn`` for PruneEvalCallback that counts the evaluation samples this rank sees (to show the sharding).
+
+    It also sees the callback's output checks: one forward on the rank's first batch at fit start and one before each
+    curve and each epsilon point.
+    """
 
     def __init__(self) -> None:
         self.samples = 0
@@ -89,7 +93,12 @@ class DDPReport(pl.Callback):
             "noise_steps": gathered["noise_step"].tolist(),
             "samples_evaluated": gathered["samples_evaluated"].tolist(),
             "test_samples": len(datamodule.data.test),
-            "evaluations": sum(len(entry["curves"]) * len(SPARSITIES) for entry in self.prune_eval.history),
+            # one pass per level of each curve, and one for the epsilon point
+            "evaluations": sum(len(entry["curves"]) * len(SPARSITIES) + bool(entry["at_epsilon"])
+                               for entry in self.prune_eval.history),
+            # one at fit start, one before each curve and before each epsilon point
+            "output_checks": 1 + sum(len(entry["curves"]) + bool(entry["at_epsilon"])
+                                     for entry in self.prune_eval.history),
             "sparsities": curve["sparsities"],
             "accuracy_per_rank": gathered["accuracy"].tolist(),
             "accuracy_single_process": next(iter(reference.metrics.values())),
@@ -102,7 +111,8 @@ class DDPReport(pl.Callback):
         print(f"\n{trainer.world_size} rank(s), {report['strategy']}, seed {report['seed']}")
         print(f"parameter checksums per rank: {report['checksums']} -> replicas equal: {report['replicas_equal']}")
         print(f"evaluation samples per rank:  {report['samples_evaluated']} (test set: {report['test_samples']}"
-              f" samples x {report['evaluations']} evaluations)")
+              f" samples x {report['evaluations']} evaluations, plus one batch per output check:"
+              f" {report['output_checks']})")
         print("final pruning curve (global magnitude pruning, test accuracy):")
         for level, acc in zip(report["sparsities"], report["accuracy_per_rank"][0], strict=True):
             print(f"  sparsity {level:.3f}: {acc:.4f}")

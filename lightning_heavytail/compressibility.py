@@ -66,7 +66,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_int
-from lightning_heavytail.pruning import _sort_ascending, prunable_units, validate_epsilon, validate_sparsities
+from lightning_heavytail.pruning import (
+    _sort_ascending,
+    level_label,
+    prunable_units,
+    validate_epsilon,
+    validate_sparsities,
+)
 from lightning_heavytail.selection import ParamSelector, select_parameters
 
 __all__ = [
@@ -284,12 +290,7 @@ def unit_means(weight: Tensor) -> Tensor:
 
 
 def _report_keys(levels: Sequence[float]) -> list[str]:
-    keys = [f"best_k_error@{level:.2f}" for level in levels]
-    if len(set(keys)) != len(keys):
-        raise ValueError(
-            f"`sparsities` must differ at two decimals, since the report's keys show two ({keys}); got {list(levels)}"
-        )
-    return keys
+    return [f"best_k_error@{level_label(level)}" for level in levels]  # distinct levels, distinct labels
 
 
 def _tail_estimate(estimator: Any, weight: Tensor) -> float:
@@ -314,7 +315,8 @@ def compressibility_report(
 ) -> dict[str, float]:
     """Every compressibility metric of the selected parameters, per parameter and in total, as a flat dict.
 
-    Keys (``<name>`` a parameter name such as ``0.weight``, levels with two decimals):
+    Keys (``<name>`` a parameter name such as ``0.weight``, levels as ``level_label`` writes them: two decimals, more
+    where the level has them, ``0.90``, ``0.995``):
 
     - ``fraction_prunable/<name>``, and ``fraction_prunable/total`` = prunable units summed / units summed, each
       tensor at its own budget ``epsilon``;
@@ -331,7 +333,7 @@ def compressibility_report(
         model: the model; it is only read.
         params: which parameters, as in ``select_parameters``.
         exclude: glob patterns of names to leave out.
-        sparsities: levels for the best-k error, strictly increasing in [0, 1), distinct at two decimals.
+        sparsities: levels for the best-k error, strictly increasing in [0, 1).
         epsilon: the error budget of the fraction of prunable units, in [0, 1].
 
     Returns:

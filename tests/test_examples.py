@@ -168,9 +168,12 @@ def test_multi_gpu_two_cpu_processes_ddp(tmp_path):
     # noise after every step on both ranks, and the replicas still bitwise equal
     assert report["noise_steps"] == [4, 4]  # 128 samples / 2 ranks / batch 32 = 2 steps per epoch, 2 epochs
     assert len(report["checksums"]) == 2 and report["checksums"][0] == report["checksums"][1]
-    # each rank evaluated half of the test set, together exactly all of it
+    # each rank evaluated half of the test set, together exactly all of it, plus its first batch (30 samples in smoke
+    # mode) for each output check (one at fit start, one before each curve and each epsilon point)
     total = report["test_samples"] * report["evaluations"]
-    assert report["samples_evaluated"] == [total // 2, total // 2]
+    assert report["evaluations"] == 2 * (2 * 5 + 1)  # 2 epochs: 2 methods at 5 levels, and the epsilon point
+    assert report["output_checks"] == 1 + 2 * (2 + 1)
+    assert report["samples_evaluated"] == [total // 2 + 30 * report["output_checks"]] * 2
     # same synced curve on both ranks, equal to rank 0's single-process evaluation of the whole test set
     assert report["accuracy_per_rank"][0] == report["accuracy_per_rank"][1] == report["accuracy_single_process"]
     assert report["replicas_equal"] and report["curves_equal"]

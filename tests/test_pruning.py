@@ -17,10 +17,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_heavytail.pruning import (
+    MASK_METHODS,
     PRUNING_METHODS,
     PruningCurve,
     check_prunable,
     evaluate_pruning_curve,
+    level_label,
     validate_method,
     validate_sparsities,
 )
@@ -45,10 +47,15 @@ def accuracy_by_hand(model: nn.Module, data: list) -> float:
     return correct / sum(len(y) for _, y in data)
 
 
-def masked_copy(model: nn.Module, method: str, level: float) -> tuple[nn.Module, float]:
-    """Prune a copy with numpy, by the definition in words: zero the k smallest entries / units, k = round(level n)."""
+def masked_copy(model: nn.Module, method: str, level: float,
+                names: list[str] | None = None) -> tuple[nn.Module, float]:
+    """Prune a copy with numpy, by the definition in words: zero the k smallest entries / units, k = round(level n).
+
+    ``names``: the tensors pruned; default: every tensor with 2+ dimensions.
+    """
     clone = copy.deepcopy(model)
-    weights = {name: p.detach().numpy().astype(np.float64) for name, p in clone.named_parameters() if p.ndim >= 2}
+    weights = {name: p.detach().numpy().astype(np.float64) for name, p in clone.named_parameters()
+               if (p.ndim >= 2 if names is None else name in names)}
     zero: dict[str, np.ndarray] = {name: np.zeros(w.shape, dtype=bool) for name, w in weights.items()}
     if method == "global":
         flat = np.concatenate([np.abs(w).ravel() for w in weights.values()])
@@ -142,12 +149,14 @@ class FailingLoader:
 
 # ---------------------------------------------------------------------------------------------- exact values per level
 @pytest.mark.parametrize("method", ["global", "layerwise", "neuron"])
-def test_mask_methods_match_models_pruned_by_hand(method: str) -> None:
+@pytest.mark.parametrize(("params", "names"), [(None, ["0.weight"]), ("weights", ["0.weight", "2.weight"])])
+def test_mask_methods_match_models_pruned_by_hand(method: str, params: str | None, names: list[str]) -> None:
     model, data = tiny_mlp(), batches()
-    curve = evaluate_pruning_curve(model, data, LEVELS, method=method)
+    curve = evaluate_pruning_curve(model, data, LEVELS, method=method, params=params)
     assert curve.method == method and curve.requested == list(LEVELS)
+    assert curve.params == names  # by default the output layer 2.weight is left alone
     for i, level in enumerate(LEVELS):
-        pruned, sparsity = masked_copy(model, method, level)
+        pruned, sparsity = masked_copy(model, method, level, names)
         assert curve.sparsities[i] == pytest.approx(sparsity, abs=1e-12)
         assert curve.metrics["accuracy"][i] == pytest.approx(accuracy_by_hand(pruned, data), abs=1e-6)
     # the levels really prune: accuracy moves and the sparsity grows
@@ -204,7 +213,7 @@ def test_ties_at_the_threshold_are_all_pruned_and_reported() -> None:
     model = tiny_mlp()
     with torch.no_grad():
         model[0].weight[:, :3] = 0.0  # 36 of the 120 selected entries are exact zeros (30%)
-    curve = evaluate_pruning_curve(model, batches(), (0.0, 0.1, 0.5), method="global")
+    curve = evaluate_pruning_curve(model, batches(), (0.0, 0.1, 0.5), method="global", params="weights")
     n = 12 * 6 + 4 * 12
     assert curve.sparsities[0] == pytest.approx(36 / n)  # measured, not the 0.0 asked for
     assert curve.sparsities[1] == pytest.approx(36 / n)  # the threshold 0 takes every tied zero
@@ -222,10 +231,10 @@ def test_one_sort_per_call_and_no_model_copy_for_mask_methods(monkeypatch: pytes
     real_deepcopy = copy.deepcopy
     monkeypatch.setattr(pruning.copy, "deepcopy", lambda obj, *a: copies.append(obj) or real_deepcopy(obj, *a))
     model, data = tiny_mlp(), batches()
-    evaluate_pruning_curve(model, data, LEVELS, method="global")
+    evaluate_pruning_curve(model, data, LEVELS, method="global", params="weights")
     assert sorts == [12 * 6 + 4 * 12]  # one sort over all selected entries, not one per level
     sorts.clear()
-    evaluate_pruning_curve(model, data, LEVELS, method="layerwise")
+    evaluate_pruning_curve(model, data, LEVELS, method="layerwise", params="weights")
     assert sorts == [72, 48]  # one per tensor
     assert not any(obj is model for obj in copies)  # (torchmetrics deep-copies its own states)
 
@@ -237,7 +246,7 @@ def test_global_threshold_above_2_pow_24_elements() -> None:
     assert flat.numel() > 2**24  # torch.quantile raises "input tensor is too large" here (after ~5 s of work)
     magnitudes = flat.abs().numpy()
     data = [(torch.randn(2, 4097), torch.randint(0, 4096, (2,)))]
-    curve = evaluate_pruning_curve(big, data, (0.5, 0.9))
+    curve = evaluate_pruning_curve(big, data, (0.5, 0.9), params="weights")  # the output layer, on purpose
     for level, measured in zip((0.5, 0.9), curve.sparsities, strict=True):
         k = round(level * magnitudes.size)
         threshold = np.partition(magnitudes, k - 1)[k - 1]
@@ -315,7 +324,7 @@ def test_structured_on_a_cnn_keeps_the_output_width() -> None:
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g))]
-    curve = evaluate_pruning_curve(cnn, data, (0.0, 0.5), method="structured")
+    curve = evaluate_pruning_curve(cnn, data, (0.0, 0.5), method="structured", params="weights")
     total = sum(p.numel() for p in cnn.parameters())
     # conv1 8->4 and its BN, conv2 16->8, linear in 16->8
     kept = (3 * 4 * 9 + 4) + 2 * 4 + (4 * 8 * 9 + 8) + (8 * 5 + 5)
@@ -351,7 +360,7 @@ def test_untraceable_model_names_the_layer_and_suggests_neuron(model_cls: type, 
     assert layer in str(info.value)
     assert_unchanged(model, before)
     with pytest.raises(ValueError, match="method='neuron'") as info:
-        check_prunable(model, "structured", example_input=data[0][0])
+        check_prunable(model, "structured", data[0])
     assert layer in str(info.value)
     # the suggestion works
     assert evaluate_pruning_curve(model, data, (0.0, 0.5), method="neuron").sparsities[1] > 0.4
@@ -361,7 +370,7 @@ def test_structured_refuses_a_model_that_cannot_be_copied() -> None:
     model = tiny_mlp()
     torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.3)  # breaks deepcopy (pytorch #37322)
     with pytest.raises(ValueError, match=r"cannot be deep-copied.*method='neuron'"):
-        check_prunable(model, "structured")
+        check_prunable(model, "structured", params="weights")
 
 
 def test_structured_refuses_when_only_the_output_layer_is_selected() -> None:
@@ -419,11 +428,11 @@ def test_bad_arguments_give_clear_errors() -> None:
 
 
 def test_check_prunable() -> None:
-    check_prunable(tiny_mlp(), PRUNING_METHODS, example_input=torch.randn(2, 6))
+    check_prunable(tiny_mlp(), PRUNING_METHODS, batches()[0])
     with pytest.raises(ValueError, match="selects no trainable parameter"):
         check_prunable(tiny_mlp(), "neuron", params="*.bias", exclude=["*"])
     with pytest.raises(ValueError, match="belong to none"):
-        check_prunable(nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), "structured")
+        check_prunable(nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), "structured", params="weights")
     with pytest.raises(ValueError, match="`method`"):
         check_prunable(tiny_mlp(), "bogus")
 
@@ -442,3 +451,273 @@ def test_curve_to_dict_is_json_and_auc_matches_numpy() -> None:
     single = PruningCurve("global", [0.5], [0.5], {"accuracy": [0.7]})
     assert single.area_under_curve() == 0.7
     assert math.isnan(PruningCurve("global", [0.0, 0.5], [0.0, 0.5], {"a": [0.5, math.nan]}).area_under_curve("a"))
+
+
+# ------------------------------------------------------------------------------------- issue 8: what is pruned (11, 14)
+class SmallCNN(nn.Module):
+    """The head is registered first and a spare weight last, so registration order says nothing about the output layer;
+    the forward pass does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.spare = nn.Linear(5, 5)  # never used by forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def cnn_batches(seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(10, 3, 6, 6, generator=g), torch.randint(0, 4, (10,), generator=g)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_default_selection_leaves_the_output_layer_and_the_first_conv_alone(method: str) -> None:
+    torch.manual_seed(0)
+    model, data = SmallCNN(), cnn_batches()
+    curve = evaluate_pruning_curve(model, data, (0.0, 0.5, 0.9), method=method)
+    assert curve.params == ["conv2.weight"]
+    check = check_prunable(model, method, data[0])
+    assert check.params == ["conv2.weight"]
+    assert check.left_out == {
+        "head.weight": "the output layer: the last weight the forward pass uses",
+        "conv1.weight": "the first conv: the first conv kernel the forward pass uses",
+        "spare.weight": "not used to compute the predictions",
+    }
+    if method in MASK_METHODS:  # the curve is the model with conv2 alone masked by hand
+        for i, level in enumerate((0.0, 0.5, 0.9)):
+            pruned, sparsity = masked_copy(model, method, level, ["conv2.weight"])
+            assert curve.sparsities[i] == pytest.approx(sparsity, abs=1e-12)
+            assert curve.metrics["accuracy"][i] == pytest.approx(accuracy_by_hand(pruned, data), abs=1e-6)
+    # "weights" still prunes every weight, the output layer included
+    everything = evaluate_pruning_curve(model, data, (0.0, 0.5), method="global", params="weights")
+    assert everything.params == ["head.weight", "conv1.weight", "conv2.weight", "spare.weight"]
+
+
+def test_default_selection_with_only_an_output_layer_says_how_to_include_it() -> None:
+    with pytest.raises(ValueError, match=r"params='weights' to prune the output layer too") as info:
+        evaluate_pruning_curve(nn.Linear(6, 4), batches(), (0.0, 0.5))
+    assert "weight: the output layer" in str(info.value)
+    assert evaluate_pruning_curve(nn.Linear(6, 4), batches(), (0.0, 0.5), params="weights").params == ["weight"]
+    with pytest.raises(ValueError, match="pass a batch"):
+        check_prunable(tiny_mlp(), "global")
+
+
+def test_the_default_needs_no_registration_order_and_no_trainable_output_layer() -> None:
+    # a mean-field network: frozen output layer, still the output layer (and frozen: not pruned anyway)
+    model = tiny_mlp()
+    model[2].weight.requires_grad_(False)
+    assert evaluate_pruning_curve(model, batches(), (0.0, 0.5)).params == ["0.weight"]
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(4, 6)
+        self.hidden = nn.Linear(6, 6)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return torch.relu(self.hidden(self.embed(idx))) @ self.embed.weight.T  # the output layer is the embedding
+
+
+def test_a_weight_shared_with_the_output_layer_is_left_out() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 4, (8,), generator=g), torch.randint(0, 4, (8,), generator=g))]
+    assert evaluate_pruning_curve(Tied(), data, (0.0, 0.5)).params == ["hidden.weight"]
+
+
+def weight_normed(seed: int = 0) -> nn.Sequential:
+    model = tiny_mlp(seed)
+    model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+@pytest.mark.parametrize("method", MASK_METHODS)
+@pytest.mark.parametrize("params", [None, "weights"])
+def test_parametrized_weight_is_pruned_as_its_effective_weight(method: str, params: str | None) -> None:
+    model, data = weight_normed(), batches()
+    with torch.no_grad():  # unequal row norms, so that neuron pruning has something to rank
+        model[0].parametrizations.weight.original0.mul_(torch.linspace(0.2, 2.0, 12).unsqueeze(1))
+    before = snapshot(model)
+    curve = evaluate_pruning_curve(model, data, LEVELS, method=method, params=params)
+    # the effective weight 0.weight, once: neither the magnitude g (2-D) nor the direction v as weights of their own
+    expected_names = ["0.weight"] if params is None else ["0.weight", "2.weight"]
+    assert curve.params == expected_names
+    assert_unchanged(model, before)
+    assert len(model[0].parametrizations.weight) == 1  # the evaluation's mask parametrization is gone
+    # the same curve as the plain model with the same effective weight, pruned by hand
+    plain = copy.deepcopy(model)
+    torch.nn.utils.parametrize.remove_parametrizations(plain[0], "weight")
+    for i, level in enumerate(LEVELS):
+        pruned, sparsity = masked_copy(plain, method, level, expected_names)
+        assert curve.sparsities[i] == pytest.approx(sparsity, abs=1e-12)
+        assert curve.metrics["accuracy"][i] == pytest.approx(accuracy_by_hand(pruned, data), abs=1e-6)
+    assert len(set(curve.metrics["accuracy"])) > 1
+
+
+def test_parametrized_weights_refused_where_they_cannot_be_pruned() -> None:
+    model, data = weight_normed(), batches()
+    with pytest.raises(ValueError, match=r"parametrized.*method='neuron'"):
+        evaluate_pruning_curve(model, data, (0.0, 0.5), method="structured")
+    with pytest.raises(ValueError, match=r"parametrized.*method='neuron'"):
+        check_prunable(model, "structured", data[0])
+    old_style = tiny_mlp()
+    torch.nn.utils.weight_norm(old_style[0])  # the deprecated hook-based one
+    with pytest.raises(ValueError, match=r"deprecated torch.nn.utils.weight_norm.*parametrizations.weight_norm"):
+        evaluate_pruning_curve(old_style, data, (0.0, 0.5), method="neuron")
+
+
+class CosineHidden(nn.Module):
+    """Rows normalized in the forward: a zeroed row gives 0/0 = NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 12, bias=False), nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.hidden.weight / self.hidden.weight.norm(dim=1, keepdim=True)
+        return self.out(torch.relu(x @ w.T))
+
+
+def test_nan_predictions_are_never_scored() -> None:
+    torch.manual_seed(0)
+    model, data = CosineHidden(), batches()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"NaN or infinity \(method='neuron' at sparsity 0.5\).*pruning made them"):
+        evaluate_pruning_curve(model, data, (0.0, 0.5), method="neuron")
+    assert_unchanged(model, before)
+    broken = tiny_mlp()
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Parameter '0.weight' holds NaN or infinity.*nothing is scored"):
+        evaluate_pruning_curve(broken, batches(), (0.0, 0.5))
+    with pytest.raises(ValueError, match="the unpruned model gives them"):  # finite weights, infinite inputs
+        evaluate_pruning_curve(tiny_mlp(), [(torch.full((4, 6), float("inf")), torch.zeros(4, dtype=torch.long))],
+                               (0.0, 0.5))
+
+
+# ---------------------------------------------------------------------------- issue 8: what cannot be scored (12)
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_mlp()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        logits = self.body(x)
+        return {"loss": logits.sum(), "logits": logits}
+
+
+class TupleOutput(DictOutput):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.body(x), x
+
+
+def test_dict_and_tuple_outputs_are_refused_with_the_fix_and_read_with_output_key() -> None:
+    data = batches()
+    with pytest.raises(ValueError, match=r"returned a dict with keys \['loss', 'logits'\].*output_key='logits'"):
+        evaluate_pruning_curve(DictOutput(), data, (0.0, 0.5))
+    with pytest.raises(ValueError, match=r"returned a tuple of 2 \(Tensor, Tensor\).*output_key=0"):
+        check_prunable(TupleOutput(), "global", data[0])
+    with pytest.raises(ValueError, match=r"`output_key`='scores' cannot be read .*keys \['loss', 'logits'\]"):
+        evaluate_pruning_curve(DictOutput(), data, (0.0, 0.5), output_key="scores")
+    with pytest.raises(ValueError, match="Pass `forward_fn` or `output_key`"):
+        evaluate_pruning_curve(DictOutput(), data, (0.0,), output_key="logits", forward_fn=lambda m, b: b)
+    reference = evaluate_pruning_curve(tiny_mlp(), data, LEVELS, method="neuron")
+    for model, key in ((DictOutput(), "logits"), (TupleOutput(), 0)):
+        curve = evaluate_pruning_curve(model, data, LEVELS, method="neuron", output_key=key)
+        assert curve.metrics == reference.metrics and curve.sparsities == reference.sparsities
+        assert curve.params == ["body.0.weight"]
+    structured = evaluate_pruning_curve(DictOutput(), data, (0.0, 0.5), method="structured", output_key="logits")
+    assert structured.metrics == evaluate_pruning_curve(tiny_mlp(), data, (0.0, 0.5), method="structured").metrics
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "kwargs", "match"),
+    [
+        (tiny_mlp(), [(torch.randn(8, 6), torch.randn(8))], {},
+         r"integer class labels as target, got torch.float32 .*regression metric"),
+        (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)), batches(), {},
+         r"shape \(N, C\) with C >= 2, got preds of shape \(10, 1\).*BinaryAccuracy"),
+        (tiny_mlp(), batches(), {"metrics": MulticlassAccuracy(num_classes=2)},
+         r"`metrics` cannot score the model's output: .*preds \(10, 4\) torch.float32, target \(10,\) torch.int64"),
+        (tiny_mlp(), batches(), {"forward_fn": lambda m, b: ({"logits": m(b[0])}, b[1])},
+         r"predictions must be a tensor, got a dict with keys \['logits'\]"),
+        (tiny_mlp(), batches(), {"forward_fn": lambda m, b: (m(b[0]).to(torch.complex64), b[1])},
+         r"predictions are complex \(torch.complex64"),
+    ],
+)
+def test_what_cannot_be_scored_is_refused_before_any_pruning(model: nn.Module, data: list, kwargs: dict[str, Any],
+                                                            match: str) -> None:
+    before = snapshot(model)
+    loader = FailingLoader(data, fail_at=len(data) + 1)  # anything beyond the first batch and one level would fail
+    for call in (lambda: evaluate_pruning_curve(model, loader, (0.0, 0.5), **kwargs),
+                 lambda: check_prunable(model, "global", data[0], **kwargs)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert_unchanged(model, before)
+
+
+def test_complex_weights_are_refused() -> None:
+    model = tiny_mlp()
+    model.register_parameter("phase", nn.Parameter(torch.randn(3, 3, dtype=torch.complex64)))
+    with pytest.raises(ValueError, match=r"complex tensors \['phase'\]"):
+        evaluate_pruning_curve(model, batches(), (0.0, 0.5), params="weights")
+
+
+def test_the_probe_leaves_model_and_rng_as_they_were() -> None:
+    net, data = stateful_net(), batches()
+    before = snapshot(net)
+    rng = torch.get_rng_state()
+    check = check_prunable(net, PRUNING_METHODS, data[0])
+    assert check.params == ["body.0.weight", "frozen.weight"][:1]  # the frozen weight is not trainable
+    assert check.metrics == ["accuracy"]
+    assert_unchanged(net, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+class LazyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.LazyLinear(12), nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def test_a_lazy_model_is_checked_on_a_copy_and_refused_for_evaluation() -> None:
+    model, data = LazyNet(), batches()
+    assert check_prunable(model, ("neuron", "structured"), data[0]).params == ["hidden.weight"]
+    assert isinstance(model.hidden.weight, torch.nn.parameter.UninitializedParameter)  # still lazy
+    with pytest.raises(ValueError, match="lazy parameters"):
+        evaluate_pruning_curve(model, data, (0.0, 0.5))
+
+
+# ------------------------------------------------------------------------------------------- issue 8: level labels (16)
+def test_level_labels_tell_any_two_levels_apart() -> None:
+    assert [level_label(s) for s in (0.0, 0.9, 0.99, 0.995)] == ["0.00", "0.90", "0.99", "0.995"]
+    g = np.random.default_rng(0)
+    rounded = zip(g.uniform(0, 1, 2000), g.integers(1, 8, 2000), strict=True)
+    levels = sorted({round(float(x), int(d)) for x, d in rounded} - {1.0})
+    levels += [float(x) for x in g.uniform(0, 1, 100)]  # full-precision levels too
+    labels = [level_label(s) for s in levels]
+    assert len(set(labels)) == len(set(levels))
+    assert all(float(label) == level for label, level in zip(labels, levels, strict=True))  # exact
+
+
+def test_epsilon_point_of_a_parametrized_weight_is_that_of_its_effective_weight() -> None:
+    from lightning_heavytail.pruning import evaluate_at_epsilon
+
+    model, data = weight_normed(), batches()
+    with torch.no_grad():
+        model[0].parametrizations.weight.original0.mul_(torch.logspace(-2, 1, 12).unsqueeze(1))
+    before = snapshot(model)
+    point = evaluate_at_epsilon(model, data, epsilon=0.1)
+    plain = copy.deepcopy(model)
+    torch.nn.utils.parametrize.remove_parametrizations(plain[0], "weight")
+    assert point == evaluate_at_epsilon(plain, data, epsilon=0.1)  # same ratios and accuracy, by the name 0.weight
+    assert list(point.ratios) == ["0.weight"] and 0.0 < point.ratio < 1.0
+    assert_unchanged(model, before)

@@ -104,7 +104,7 @@ def test_ties_zero_exactly_the_counted_units_lower_index_first() -> None:
     data = batches(n_batches=1, features=2, classes=3)
     point = evaluate_at_epsilon(net, data, epsilon=2.5 / 32, forward_fn=forward_fn)  # budget 2.5: two of three ties
     assert point.ratios == {"0.weight": 0.4}
-    zero_rows = [i for i in range(5) if bool((seen[0][i] == 0).all())]
+    zero_rows = [i for i in range(5) if bool((seen[-1][i] == 0).all())]  # seen[0]: the unpruned output check
     assert zero_rows == [1, 2]
     # the neuron curve zeroes every tied unit at its threshold instead: 3 rows at level 0.4, so 7 of the 10 entries
     # are zero (the 6 of rows 1-3 and the 0 already in row 0)
@@ -187,7 +187,6 @@ def test_ratios_per_layer_match_by_hand_and_reproduce_an_epsilon_point() -> None
     (lambda net, data: evaluate_at_epsilon(net, 3), "`dataloader` must be an iterable"),
     (lambda net, data: evaluate_at_epsilon(net, []), "`dataloader` yielded no batch"),
     (lambda net, data: evaluate_at_epsilon(net, data, metrics="acc"), "`metrics` must be None"),
-    (lambda net, data: evaluate_at_epsilon(net, data, forward_fn=3), "`forward_fn` must be None or a callable"),
     (lambda net, data: evaluate_at_epsilon(net, data, params="*.nothing"), "`params`.*selects no trainable"),
     (lambda net, data: evaluate_at_epsilon(net, data, exclude=[3]), "`exclude`"),
     (lambda net, data: evaluate_at_epsilon(net, data, device="gpu7"), "`device`"),
@@ -203,6 +202,11 @@ def test_bad_arguments_name_the_argument(call: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(net, batches())
     assert_unchanged(net, before)
+
+
+def test_a_forward_fn_that_is_not_callable_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="`forward_fn` must be None or a callable"):
+        evaluate_at_epsilon(deep_mlp(), batches(), forward_fn=3)  # type: ignore[arg-type]
 
 
 def test_non_finite_weights_are_refused_naming_the_parameter() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule, Trainer
@@ -32,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics import Metric, MetricCollection
@@ -41,10 +43,18 @@ from lightning_heavytail._checks import check_int
 from lightning_heavytail.compressibility import DEFAULT_REPORT_SPARSITIES, compressibility_report
 from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
+    EpsilonPoint,
     ForwardFn,
+    OutputKey,
     PruningCurve,
     check_prunable,
+    evaluate_at_epsilon,
     evaluate_pruning_curve,
+    level_label,
+    rng_preserved,
+    tensor_view,
+    validate_epsilon,
+    validate_forward,
     validate_method,
     validate_sparsities,
 )
@@ -53,6 +63,7 @@ from lightning_heavytail.selection import ParamSelector, validate_exclude, valid
 __all__ = ["PruneEvalCallback"]
 
 _STATE_VERSION = 1
+_DEFAULT_PREFIX = "pruning"
 
 
 class PruneEvalCallback(Callback):
@@ -65,26 +76,42 @@ class PruneEvalCallback(Callback):
     and buffer is bitwise restored, train/eval modes and ``requires_grad`` too, also when the evaluation raises; the
     optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned weights.
 
+    What is pruned: by default (``params=None``) the weights the forward pass uses, less the output layer (the last
+    weight it uses) and the first conv, as in the paper, for every method and for the compressibility report; the
+    list is logged at fit start. A parametrized weight (``torch.nn.utils.parametrizations.weight_norm``) is pruned as
+    the effective weight the layer uses.
+
+    At fit start, before the first training step, the evaluation's forward runs once on the first evaluation batch
+    (eval mode, no grad, model and RNG left as they were), and what cannot be scored is refused with an error saying
+    what the model returned and how to fix it (``output_key``, ``forward_fn``, a regression metric).
+
     Data, in this order: ``dataloader`` if given, else the ``test_dataloader`` of the datamodule (or of the
     LightningModule), else the validation dataloaders (all of them, one after the other), else a ``ValueError`` at
     setup. Under DDP every rank evaluates every ``world_size``-th batch of the same data, without the duplicates a
-    padding ``DistributedSampler`` would add; the metrics are synced by torchmetrics, so every rank gets the same
-    curve, equal to the single-process curve.
+    padding ``DistributedSampler`` would add; the metrics are synced by torchmetrics, and every rank evaluates with
+    rank 0's buffers (BatchNorm statistics differ between ranks; rank 0's are the ones checkpointed), so every rank
+    gets the same curve, equal to the single-process curve of the saved model.
 
     Logged with ``pl_module.log`` (so ``ModelCheckpoint`` and ``EarlyStopping`` can ``monitor`` them), with
     ``log_prefix="pruning"``:
 
-    - ``pruning/{metric}@{level:.2f}`` for the first method and ``pruning/{method}/{metric}@{level:.2f}`` for every
-      method, per requested level (more decimals only where two levels would share a name, see ``level_names``);
-    - ``pruning/{method}/measured_sparsity@{level:.2f}``: the measured fraction pruned at that level;
+    - ``pruning/{metric}@{level}`` for the first method and ``pruning/{method}/{metric}@{level}`` for every method,
+      per requested level, written with two decimals or as many as the level has (``0.90``, ``0.995``: see
+      ``level_names`` and ``lightning_heavytail.pruning.level_label``);
+    - ``pruning/{method}/measured_sparsity@{level}``: the measured fraction pruned at that level;
     - ``pruning/auc`` (first method, ``auc_metric``) and ``pruning/{method}/auc``: the area under the metric-vs-measured
       sparsity curve, normalised by the sparsity span (the curve's mean value);
+    - the paper's measurement (``epsilon_point=True``), through ``evaluate_at_epsilon`` on the tensors the curves
+      prune: ``pruning/at_epsilon/{metric}``, the metric of the model with each layer pruned at its epsilon point (the
+      most units of smallest squared norm within ``epsilon`` of its squared Frobenius norm, no fine-tuning);
+      ``pruning/at_epsilon/ratio``, the units pruned over all units; ``pruning/at_epsilon/ratio/{name}`` per layer;
     - ``pruning/{key}`` for every key of the compressibility report (``compressibility=True``).
 
-    With a ``TensorBoardLogger``, a figure of every method's curves (one line per
-    evaluated epoch) goes to the images tab under ``pruning/{method}/curve``. The history is written after every
-    evaluation as ``{filename}.json`` and ``{filename}.csv`` into ``trainer.log_dir`` (``default_root_dir`` without a
-    logger).
+    With a ``TensorBoardLogger``, a figure of every method's curves (one line per evaluated epoch, the epsilon point a
+    star) goes to the images tab under ``pruning/{method}/curve``. The history is written after every evaluation as
+    ``{history_stem}.json`` and ``.csv`` into ``trainer.log_dir`` (``default_root_dir`` without a logger):
+    ``prune_eval.json`` with the default prefix, ``prune_eval_{log_prefix}.json`` with another. Two
+    PruneEvalCallbacks with the same ``log_prefix`` (or the same history files) are refused at setup.
 
     Args:
         sparsities: strictly increasing levels in ``[0, 1)``.
@@ -94,24 +121,32 @@ class PruneEvalCallback(Callback):
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``; ``None``: multiclass accuracy with the number of
             classes taken from the model's output, logged as ``accuracy``.
         every_n_epochs: evaluate after every n-th training epoch (epochs ``n-1, 2n-1, ...``, zero-based).
-        params: which parameters are pruned, as in ``select_parameters``.
+        params: which tensors are pruned, as in ``select_parameters`` (on ``lightning_heavytail.pruning.tensor_view``);
+            ``None``: see "What is pruned" above; ``"weights"`` includes the output layer and the first conv.
         exclude: glob patterns of parameter names to leave unpruned.
         forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(x, y)``.
-        epsilon: relative squared-norm budget of the "fraction prunable" measure, in ``[0, 1]``.
-        report_sparsities: levels of the best-k error in the compressibility report (distinct at two decimals);
-            ``None``: the nonzero levels of ``sparsities``.
+        output_key: read the predictions as ``model(x)[output_key]`` when the model returns a dict (``"logits"``) or a
+            tuple (an index); only without ``forward_fn``.
+        epsilon: relative squared-norm budget of the epsilon point and of the "fraction prunable" measure, in
+            ``[0, 1]`` (0.1 in the authors' code).
+        report_sparsities: levels of the best-k error in the compressibility report; ``None``: the nonzero levels of
+            ``sparsities``.
         log_prefix: prefix of every logged name.
         compressibility: compute and log the compressibility report.
+        epsilon_point: evaluate and log the model pruned at the epsilon point (one more pass over the data).
         log_figure: send the curve figure to every ``TensorBoardLogger``.
-        filename: base name of the JSON and CSV files written into the run directory; ``None`` writes no files.
+        filename: base name of the JSON and CSV files written into the run directory (followed by the prefix when it
+            is not the default, see ``history_stem``); ``None`` writes no files.
         auc_metric: metric whose area is logged as ``pruning/auc`` and ``pruning/{method}/auc``; ``None``:
             ``"accuracy"`` for the default metric, else the first key of the curve's metrics.
 
     Raises:
         ValueError: at construction, for a bad argument (the message names it, the allowed values and the value given);
-            at setup, if there is no evaluation data; at fit start, before the first training step, if nothing is
-            selected for pruning, or ``method="structured"`` and torch-pruning cannot trace the model (the message
-            names the layer and suggests another method), or under DDP the data has fewer batches than ranks.
+            at setup, if there is no evaluation data or another PruneEvalCallback has the same ``log_prefix``; at fit
+            start, before the first training step, if the model's output cannot be scored, ``auc_metric`` is not a
+            computed metric, nothing is selected for pruning, or ``method="structured"`` and torch-pruning cannot
+            trace the model (the message names the layer and suggests another method), or under DDP the data has
+            fewer batches than ranks; at an evaluation, if pruning makes the predictions NaN.
         TypeError: at construction, for an argument of the wrong type.
 
     Examples:
@@ -158,13 +193,15 @@ class PruneEvalCallback(Callback):
         metrics: Metric | MetricCollection | None = None,
         every_n_epochs: int = 1,
         *,
-        params: ParamSelector = "weights",
+        params: ParamSelector | None = None,
         exclude: Sequence[str] = (),
         forward_fn: ForwardFn | None = None,
+        output_key: OutputKey | None = None,
         epsilon: float = 0.1,
         report_sparsities: Sequence[float] | None = None,
-        log_prefix: str = "pruning",
+        log_prefix: str = _DEFAULT_PREFIX,
         compressibility: bool = True,
+        epsilon_point: bool = True,
         log_figure: bool = True,
         filename: str | None = "prune_eval",
         auc_metric: str | None = None,
@@ -179,26 +216,19 @@ class PruneEvalCallback(Callback):
                 f" got {type(metrics).__name__}: {metrics!r}"
             )
         check_int(every_n_epochs, "every_n_epochs", minimum=1)
-        validate_selector(params, "params")
+        if params is not None:
+            validate_selector(params, "params")
         exclude = validate_exclude(exclude)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(
-                f"`forward_fn` must be None or a callable (model, batch) -> (preds, target), got {forward_fn!r}"
-            )
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
+        validate_forward(forward_fn, output_key)
+        epsilon = validate_epsilon(epsilon)
         if report_sparsities is None:
             report_levels = tuple(level for level in self.sparsities if level > 0.0) or DEFAULT_REPORT_SPARSITIES
         else:
             report_levels = validate_sparsities(report_sparsities, "report_sparsities")
-        if len({f"{level:.2f}" for level in report_levels}) != len(report_levels):
-            raise ValueError(
-                "`report_sparsities` must differ at two decimals (the compressibility report's keys show two), got"
-                f" {list(report_levels)}" + (" (taken from `sparsities`)" if report_sparsities is None else "")
-            )
         if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
             raise ValueError(f"`log_prefix` must be a non-empty string not ending in '/', got {log_prefix!r}")
-        for name, flag in (("compressibility", compressibility), ("log_figure", log_figure)):
+        for name, flag in (("compressibility", compressibility), ("epsilon_point", epsilon_point),
+                           ("log_figure", log_figure)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}")
         if filename is not None and (
@@ -219,14 +249,16 @@ class PruneEvalCallback(Callback):
         self.params = params
         self.exclude = tuple(exclude)
         self.forward_fn = forward_fn
+        self.output_key = output_key
         self.epsilon = float(epsilon)
         self.report_sparsities: tuple[float, ...] = report_levels
         self.log_prefix = log_prefix
         self.compressibility = compressibility
+        self.epsilon_point = epsilon_point
         self.log_figure = log_figure
         self.filename = filename
         self.auc_metric = auc_metric
-        self.level_names: tuple[str, ...] = _level_names(self.sparsities)
+        self.level_names: tuple[str, ...] = tuple(level_label(level) for level in self.sparsities)
         self.history: list[dict[str, Any]] = []
 
         self._source: str | None = None  # where the evaluation data comes from, resolved at setup
@@ -239,6 +271,19 @@ class PruneEvalCallback(Callback):
         return self._generate_state_key(
             methods=self.methods, sparsities=self.sparsities, every_n_epochs=self.every_n_epochs, prefix=self.log_prefix
         )
+
+    @property
+    def history_stem(self) -> str | None:
+        """Base name of the history files; ``None`` with ``filename=None``.
+
+        ``filename`` with the default ``log_prefix``, else ``{filename}_{log_prefix}`` (a ``/`` in the prefix written
+        ``_``), so that callbacks with distinct prefixes write distinct files.
+        """
+        if self.filename is None:
+            return None
+        if self.log_prefix == _DEFAULT_PREFIX:
+            return self.filename
+        return f"{self.filename}_{self.log_prefix.replace('/', '_')}"
 
     @property
     def data_source(self) -> str | None:
@@ -254,13 +299,13 @@ class PruneEvalCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with _own_rng(pl_module.device):
+        with rng_preserved(pl_module.device):
             self._prepare(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            with _own_rng(pl_module.device):
+            with rng_preserved(pl_module.device):
                 self._evaluate(trainer, pl_module)
 
     @override
@@ -278,12 +323,25 @@ class PruneEvalCallback(Callback):
     # ------------------------------------------------------------------ private
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Check the strategy and find the evaluation data (without loading it yet)."""
+        """Check the strategy and the other PruneEvalCallbacks, find the evaluation data (without loading it yet)."""
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise ValueError(
                 "PruneEvalCallback needs every rank to hold the full model: the strategy must be single-device or"
                 f" DDP-family, got {type(trainer.strategy).__name__} (sharded parameters)"
             )
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, PruneEvalCallback):
+                continue
+            if other.log_prefix == self.log_prefix:
+                raise ValueError(
+                    f"Two PruneEvalCallbacks have `log_prefix`={self.log_prefix!r}: their logged names and history"
+                    " files would overwrite each other. Give each a distinct `log_prefix`."
+                )
+            if self.history_stem is not None and other.history_stem == self.history_stem:
+                raise ValueError(
+                    f"Two PruneEvalCallbacks (log_prefix {self.log_prefix!r} and {other.log_prefix!r}) would write the"
+                    f" same history files {self.history_stem}.json/.csv. Give them distinct `filename`s."
+                )
         self._lightning_source = None
         if self.dataloader is not None:
             self._source = "the `dataloader` argument"
@@ -332,27 +390,33 @@ class PruneEvalCallback(Callback):
                 f"PruneEvalCallback's evaluation data ({self._source}) has {total} batch(es), fewer than the"
                 f" {trainer.world_size} ranks; give it at least one batch per rank"
             )
-        example = _example_input(batches, self.forward_fn, pl_module.device) if "structured" in self.methods else None
-        check_prunable(
+        check = check_prunable(
             pl_module,
             self.methods,
+            _first_batch(batches, pl_module.device),
             params=self.params,
             exclude=self.exclude,
-            example_input=example,
             forward_fn=self.forward_fn,
+            output_key=self.output_key,
+            metrics=self.metrics,
         )
+        if self.auc_metric is not None and self.auc_metric not in check.metrics:
+            raise ValueError(
+                f"`auc_metric` must be one of {sorted(check.metrics)!r} (the metrics computed), got {self.auc_metric!r}"
+            )
+        left_out = "; ".join(f"{name} ({why})" for name, why in check.left_out.items())
         rank_zero_info(
             f"PruneEvalCallback: {list(self.methods)} at {list(self.sparsities)} on {self._source},"
-            f" {trainer.world_size} rank(s)"
+            f" {trainer.world_size} rank(s); prunes {check.params}" + (f"; leaves out {left_out}" if left_out else "")
         )
         self._batches = batches
         return batches
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Evaluate the curves and the compressibility report, record, log, plot and write them."""
+        """Evaluate the curves, the epsilon point and the compressibility report; record, log, plot, write them."""
         batches = self._batches if self._batches is not None else self._prepare(trainer, pl_module)
         curves: dict[str, PruningCurve] = {}
-        with trainer.precision_plugin.forward_context():
+        with trainer.precision_plugin.forward_context(), _rank_zero_buffers(pl_module, trainer.world_size):
             for method in self.methods:
                 curves[method] = evaluate_pruning_curve(
                     pl_module,
@@ -361,16 +425,29 @@ class PruneEvalCallback(Callback):
                     method=method,
                     metrics=self.metrics,
                     forward_fn=self.forward_fn,
+                    output_key=self.output_key,
                     params=self.params,
                     exclude=self.exclude,
+                    device=pl_module.device,
+                )
+            pruned = set(curves[self.methods[0]].params)  # the report and the epsilon point: the curves' tensors
+            point = None
+            if self.epsilon_point:
+                point = evaluate_at_epsilon(
+                    pl_module,
+                    batches,
+                    epsilon=self.epsilon,
+                    metrics=self.metrics,
+                    forward_fn=self.forward_fn,
+                    output_key=self.output_key,
+                    params=lambda name, _: name in pruned,
                     device=pl_module.device,
                 )
         report: dict[str, float] = {}
         if self.compressibility:
             report = compressibility_report(
-                pl_module,
-                params=self.params,
-                exclude=self.exclude,
+                tensor_view(pl_module),
+                params=lambda name, _: name in pruned,
                 sparsities=self.report_sparsities,
                 epsilon=self.epsilon,
             )
@@ -382,6 +459,7 @@ class PruneEvalCallback(Callback):
             "compressibility": {key: float(value) for key, value in report.items()},
             "auc": {method: float(curve.area_under_curve(auc_metric)) for method, curve in curves.items()},
             "auc_metric": auc_metric,
+            "at_epsilon": _epsilon_record(point, pl_module) if point is not None else {},
         }
         self.history = [old for old in self.history if old["epoch"] != entry["epoch"]] + [entry]
 
@@ -390,8 +468,8 @@ class PruneEvalCallback(Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         if self.filename is not None:
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it
-            if trainer.is_global_zero:
-                _write_history(self.history, self.methods, log_dir or trainer.default_root_dir, self.filename)
+            if trainer.is_global_zero and self.history_stem is not None:
+                _write_history(self.history, self.methods, log_dir or trainer.default_root_dir, self.history_stem)
         if self.log_figure and trainer.is_global_zero:
             self._log_figures(trainer)
 
@@ -426,6 +504,13 @@ class PruneEvalCallback(Callback):
                 put(f"{p}/{method}/measured_sparsity@{level}", curve.sparsities[j])
             put(f"{p}/{method}/auc", entry["auc"][method])
         put(f"{p}/auc", entry["auc"][self.methods[0]])
+        at_epsilon = entry["at_epsilon"]
+        if at_epsilon:
+            for metric, value in at_epsilon["metrics"].items():
+                put(f"{p}/at_epsilon/{metric}", value)
+            put(f"{p}/at_epsilon/ratio", at_epsilon["ratio"])
+            for name, ratio in at_epsilon["ratios"].items():
+                put(f"{p}/at_epsilon/ratio/{name}", ratio)
         for key, value in entry["compressibility"].items():
             put(f"{p}/{key}", value)
         return out
@@ -449,16 +534,28 @@ class PruneEvalCallback(Callback):
 
 
 @contextlib.contextmanager
-def _own_rng(device: torch.device) -> Iterator[None]:
-    """Run with the global RNGs restored afterwards, so the evaluation leaves training's shuffles and dropout alone.
+def _rank_zero_buffers(module: nn.Module, world_size: int) -> Iterator[None]:
+    """Run with global rank 0's buffers on every rank, and each rank's own put back afterwards.
 
-    Iterating a DataLoader draws a seed from torch's global generator.
+    DDP keeps parameters equal, not buffers: each rank updates BatchNorm's running statistics with its own batches
+    after DDP's broadcast at the start of the forward, so they drift apart. Rank 0's are the ones its checkpoints
+    save; scoring every shard with them gives the curve of the saved model.
     """
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
+    if world_size < 2 or not (dist.is_available() and dist.is_initialized()):
         yield
+        return
+    buffers = list(module.buffers())
+    with torch.no_grad():
+        own = [buffer.detach().clone() for buffer in buffers]
+    try:
+        with torch.no_grad():
+            for buffer in buffers:  # the same order on every rank: the same model
+                dist.broadcast(buffer, src=0)
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, own, strict=True):
+                buffer.copy_(saved)
 
 
 def _metric_names(metrics: Metric | MetricCollection | None) -> set[str] | None:
@@ -603,26 +700,30 @@ def _length(loader: Iterable[Any]) -> int | None:
         return None
 
 
-def _example_input(batches: Iterable[Any], forward_fn: ForwardFn | None, device: torch.device) -> Any:
-    """What torch-pruning traces with: the first batch with ``forward_fn``, else its inputs (``x`` of ``(x, y)``)."""
+def _first_batch(batches: Iterable[Any], device: torch.device) -> Any:
+    """This rank's first evaluation batch, on ``device`` (fit start runs the evaluation's forward on it)."""
     for batch in batches:
-        batch = move_data_to_device(batch, device)
-        if forward_fn is not None:
-            return batch
-        return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+        return move_data_to_device(batch, device)
     return None
 
 
 # ---------------------------------------------------------------------- names, history, files, figures
 
 
-def _level_names(levels: Sequence[float]) -> tuple[str, ...]:
-    """Level labels with two decimals (``0.90``), more only where two levels would otherwise share a label."""
-    for digits in range(2, 10):
-        names = tuple(f"{level:.{digits}f}" for level in levels)
-        if len(set(names)) == len(names):
-            return names
-    return tuple(repr(float(level)) for level in levels)
+def _epsilon_record(point: EpsilonPoint, model: nn.Module) -> dict[str, Any]:
+    """The epsilon point for the history: ``EpsilonPoint.to_dict()`` and where it lies on the curves' x-axes.
+
+    ``sparsity``: the fraction of the pruned tensors' entries it zeroes (the mask methods' x-axis); ``removed``: the
+    fraction of all the model's parameters it zeroes (the ``"structured"`` x-axis). A unit holds ``numel / units``
+    entries, so a layer pruned at ratio ``r`` loses ``r * numel`` of them.
+    """
+    sizes = {name: tensor.numel() for name, tensor in tensor_view(model).named_parameters()}
+    zeroed = sum(ratio * sizes[name] for name, ratio in point.ratios.items())
+    return {
+        **point.to_dict(),
+        "sparsity": zeroed / sum(sizes[name] for name in point.ratios),
+        "removed": zeroed / sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _normalize_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -634,11 +735,17 @@ def _normalize_entry(entry: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("compressibility", {})
     out.setdefault("auc", {})
     out.setdefault("auc_metric", DEFAULT_METRIC_KEY)
+    out.setdefault("at_epsilon", {})
     return out
 
 
 def _write_history(history: list[dict[str, Any]], methods: Sequence[str], directory: str, filename: str) -> None:
-    """Write ``{filename}.json`` (everything) and ``{filename}.csv`` (one row per epoch, method and level)."""
+    """Write ``{filename}.json`` (everything) and ``{filename}.csv``.
+
+    The CSV has one row per epoch, method and level, and one per epoch for the epsilon point (method ``at_epsilon``,
+    ``requested`` the epsilon, ``sparsity`` the fraction of the pruned entries it zeroes, ``epsilon_ratio`` the
+    fraction of units).
+    """
     fs = get_filesystem(directory)
     fs.makedirs(directory, exist_ok=True)
     with fs.open(os.path.join(directory, f"{filename}.json"), "w") as f:
@@ -646,24 +753,31 @@ def _write_history(history: list[dict[str, Any]], methods: Sequence[str], direct
 
     metric_names: list[str] = []
     for entry in history:
-        for curve in entry["curves"].values():
-            metric_names += [name for name in curve["metrics"] if name not in metric_names]
+        for curve in [*entry["curves"].values(), entry["at_epsilon"]]:
+            metric_names += [name for name in curve.get("metrics", {}) if name not in metric_names]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["epoch", "global_step", "method", "requested", "sparsity", *metric_names])
+    writer.writerow(["epoch", "global_step", "method", "requested", "sparsity", *metric_names, "epsilon_ratio"])
     for entry in history:
         for method, curve in entry["curves"].items():
             for j, (requested, measured) in enumerate(zip(curve["requested"], curve["sparsities"], strict=True)):
                 values = [curve["metrics"][name][j] if name in curve["metrics"] else "" for name in metric_names]
-                writer.writerow([entry["epoch"], entry["global_step"], method, requested, measured, *values])
+                writer.writerow([entry["epoch"], entry["global_step"], method, requested, measured, *values, ""])
+        point = entry["at_epsilon"]
+        if point:
+            values = [point["metrics"].get(name, "") for name in metric_names]
+            writer.writerow([entry["epoch"], entry["global_step"], "at_epsilon", point["epsilon"], point["sparsity"],
+                             *values, point["ratio"]])
     with fs.open(os.path.join(directory, f"{filename}.csv"), "w") as f:
         f.write(buffer.getvalue())
 
 
-def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> Any:
-    """An RGB image (H, W, 3 uint8 array) of ``method``'s curves, one line per evaluated epoch, drawn with Agg."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _curves_figure(history: list[dict[str, Any]], method: str, title: str) -> Any:
+    """A matplotlib Figure of ``method``'s curves, one line per evaluated epoch, its epsilon point as a star.
+
+    The star sits at the epsilon point's accuracy (or other metric) and at its place on this method's x-axis: the
+    fraction of the pruned entries it zeroes, or for ``"structured"`` the fraction of all parameters.
+    """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
@@ -671,20 +785,24 @@ def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> An
     entries = [entry for entry in history if method in entry["curves"]]
     metric_names = list(entries[-1]["curves"][method]["metrics"]) if entries else []
     figure = Figure(figsize=(4.5 * max(1, len(metric_names)), 3.6), dpi=80, layout="constrained")
-    canvas = FigureCanvasAgg(figure)
     axes = figure.subplots(1, max(1, len(metric_names)), squeeze=False)[0]
     epochs = [entry["epoch"] for entry in entries]
     norm = Normalize(vmin=min(epochs, default=0), vmax=max(max(epochs, default=0), min(epochs, default=0) + 1))
     cmap = "viridis"
     mappable = ScalarMappable(norm=norm, cmap=cmap)
+    x_key = "removed" if method == "structured" else "sparsity"
     for ax, name in zip(axes, metric_names, strict=False):
+        starred = False
         for entry in entries:
-            curve = entry["curves"][method]
+            curve, point, color = entry["curves"][method], entry["at_epsilon"], mappable.to_rgba(entry["epoch"])
             if name in curve["metrics"]:
-                ax.plot(
-                    curve["sparsities"], curve["metrics"][name], marker="o", markersize=3,
-                    color=mappable.to_rgba(entry["epoch"]), label=f"epoch {entry['epoch']}",
-                )
+                ax.plot(curve["sparsities"], curve["metrics"][name], marker="o", markersize=3, color=color,
+                        label=f"epoch {entry['epoch']}")
+            if point and name in point["metrics"]:
+                ax.plot([point[x_key]], [point["metrics"][name]], marker="*", markersize=12, linestyle="none",
+                        color=color, markeredgecolor="black",
+                        label=None if starred else f"epsilon point (epsilon={point['epsilon']:g})")
+                starred = True
         ax.set_xlabel("measured sparsity")
         ax.set_ylabel(name)
         ax.set_xlim(0.0, 1.0)
@@ -694,5 +812,14 @@ def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> An
     else:
         figure.colorbar(mappable, ax=list(axes), label="epoch")
     figure.suptitle(title)
+    return figure
+
+
+def _render_curves(history: list[dict[str, Any]], method: str, title: str) -> Any:
+    """``_curves_figure`` as an RGB image (H, W, 3 uint8 array), drawn with Agg (no display, no pyplot state)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(_curves_figure(history, method, title))
     canvas.draw()  # type: ignore[no-untyped-call]
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]

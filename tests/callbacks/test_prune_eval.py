@@ -22,7 +22,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard, _ShardedBatches
-from lightning_heavytail.pruning import evaluate_pruning_curve
+from lightning_heavytail.pruning import evaluate_at_epsilon, evaluate_pruning_curve
+from tests.test_pruning_epsilon import rows_to_prune
 
 LEVELS = (0.0, 0.5, 0.8, 0.95)
 
@@ -219,11 +220,12 @@ class TrainOnlyDataModule(LightningDataModule):
         ({"params": 3}, TypeError, "`params`"),
         ({"exclude": 3}, ValueError, "`exclude` must be a glob pattern or a sequence of patterns, got 3"),
         ({"forward_fn": 3}, TypeError, "`forward_fn` must be None or a callable"),
-        ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\], got -0.1"),
+        ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\] \(a share of .*\), got -0.1"),
         ({"epsilon": 1.5}, ValueError, "`epsilon`"),
         ({"report_sparsities": (0.9, 0.5)}, ValueError, "`report_sparsities`"),
-        ({"report_sparsities": (0.9, 0.901)}, ValueError, "`report_sparsities` must differ at two decimals"),
-        ({"sparsities": (0.99, 0.991)}, ValueError, r"`report_sparsities` .* \(taken from `sparsities`\)"),
+        ({"output_key": 1.5}, TypeError, r"`output_key` must be None, a key \(str\) or an index \(int\).*got float"),
+        ({"output_key": ""}, ValueError, "`output_key` must not be empty"),
+        ({"output_key": "logits", "forward_fn": lambda m, b: b}, ValueError, "Pass `forward_fn` or `output_key`"),
         ({"log_prefix": ""}, ValueError, "`log_prefix`"),
         ({"log_prefix": "pruning/"}, ValueError, "`log_prefix`"),
         ({"compressibility": 1}, TypeError, "`compressibility` must be True or False, got 1"),
@@ -238,10 +240,10 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], error: type[
         PruneEvalCallback(**kwargs)
 
 
-def test_level_names_two_decimals_unless_ambiguous() -> None:
+def test_level_names_two_decimals_or_as_many_as_the_level_has() -> None:
     assert PruneEvalCallback().level_names == ("0.00", "0.50", "0.70", "0.80", "0.90", "0.95", "0.99")
     callback = PruneEvalCallback(sparsities=(0.5, 0.99, 0.995), report_sparsities=(0.5, 0.99))
-    assert callback.level_names == ("0.500", "0.990", "0.995")
+    assert callback.level_names == ("0.50", "0.99", "0.995")  # a level's name does not depend on the other levels
     assert PruneEvalCallback().report_sparsities == (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
     assert PruneEvalCallback(sparsities=(0.0,)).report_sparsities == (0.5, 0.9, 0.99)
     assert PruneEvalCallback(method=["neuron", "global"]).methods == ("neuron", "global")
@@ -362,7 +364,11 @@ def test_untraceable_model_for_structured_is_an_error_before_training(tmp_path: 
 
 
 class FailingLoader:
-    """Re-iterable; the second pass (second sparsity level) raises at its second batch."""
+    """Re-iterable; the fourth pass raises at its second batch.
+
+    Passes: the first batch at fit start, the first batch again at the evaluation (its output check), then one pass per
+    level: the fourth is the second level, after the first was masked.
+    """
 
     def __init__(self) -> None:
         self.data = list(loader(24, 0))
@@ -371,7 +377,7 @@ class FailingLoader:
     def __iter__(self) -> Iterator[Any]:
         self.passes += 1
         for i, batch in enumerate(self.data):
-            if self.passes == 2 and i == 1:
+            if self.passes == 4 and i == 1:
                 raise RuntimeError("data failed mid-way")
             yield batch
 
@@ -384,7 +390,7 @@ def test_model_restored_when_evaluation_raises(tmp_path: Path) -> None:
     trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[before, callback])
     with pytest.raises(RuntimeError, match="data failed mid-way"):
         trainer.fit(model, loader(32, 1))
-    assert failing.passes == 2  # the first level was evaluated (weights masked) before the failure
+    assert failing.passes == 4  # the first level was evaluated (weights masked) before the failure
     assert_same_state(before.states[0], capture(trainer, model))
     assert callback.history == []
 
@@ -439,34 +445,41 @@ def test_every_n_epochs(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- exact values
 
 
-def independent_curve(model: PlainMLP, data: TensorDataset, measured: list[float]) -> list[float]:
-    """Global magnitude pruning by hand: zero the k smallest |w| over both weights, k from the measured sparsity."""
+def independent_curve(model: PlainMLP, data: TensorDataset, measured: list[float],
+                      prune_output: bool = False) -> list[float]:
+    """Global magnitude pruning by hand: zero the k smallest |w| over the pruned weights (the hidden one, and the
+    output one with ``prune_output``), k from the measured sparsity."""
     weights = [model.hidden.weight.detach(), model.out.weight.detach()]
-    flat = torch.cat([w.flatten().abs() for w in weights])
+    pruned = weights if prune_output else weights[:1]
+    flat = torch.cat([w.flatten().abs() for w in pruned])
     x, y = data.tensors
     accuracies = []
     for fraction in measured:
         k = round(fraction * flat.numel())
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat)[:k]] = False
-        masks = keep.split([w.numel() for w in weights])
-        w1, w2 = (w * m.view_as(w) for w, m in zip(weights, masks, strict=True))
+        masks = keep.split([w.numel() for w in pruned])
+        w1, w2 = [w * m.view_as(w) for w, m in zip(pruned, masks, strict=True)] + weights[len(pruned):]
         logits = torch.relu(x @ w1.T) @ w2.T
         accuracies.append((logits.argmax(1) == y).double().mean().item())
     return accuracies
 
 
-def test_exact_metric_at_each_level_against_independent_computation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("params", [None, "weights"])
+def test_exact_metric_at_each_level_against_independent_computation(tmp_path: Path, params: str | None) -> None:
     data = dataset(50, seed=7)
-    callback = PruneEvalCallback(sparsities=(0.0, 0.3, 0.6, 0.9), dataloader=DataLoader(data, batch_size=16))
+    callback = PruneEvalCallback(sparsities=(0.0, 0.3, 0.6, 0.9), dataloader=DataLoader(data, batch_size=16),
+                                 params=params)
     model = PlainMLP()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2), callbacks=[callback])
     trainer.fit(model, loader(32, 1))  # the last evaluation saw the final weights: nothing trains after it
     curve = callback.history[-1]["curves"]["global"]
-    n = model.hidden.weight.numel() + model.out.weight.numel()
+    prune_output = params == "weights"  # the default leaves the output layer alone
+    assert curve["params"] == (["hidden.weight", "out.weight"] if prune_output else ["hidden.weight"])
+    n = model.hidden.weight.numel() + (model.out.weight.numel() if prune_output else 0)
     for requested, measured in zip(curve["requested"], curve["sparsities"], strict=True):
         assert abs(measured - requested) <= 1.0 / n
-    expected = independent_curve(model, data, curve["sparsities"])
+    expected = independent_curve(model, data, curve["sparsities"], prune_output)
     assert curve["metrics"]["accuracy"] == pytest.approx(expected, abs=1e-6)
     assert len(set(expected)) > 1
     # what was logged is what the history holds
@@ -576,8 +589,9 @@ def test_csv_logger_and_history_files(tmp_path: Path) -> None:
     )
     with open(Path(logger.log_dir) / "prune_eval.csv") as f:
         history_rows = list(csv.DictReader(f))
-    assert len(history_rows) == 2 * 2 * 3  # epochs x methods x levels
-    assert list(history_rows[0]) == ["epoch", "global_step", "method", "requested", "sparsity", "accuracy"]
+    assert len(history_rows) == 2 * 2 * 3 + 2  # epochs x methods x levels, and the epsilon point of each epoch
+    assert list(history_rows[0]) == ["epoch", "global_step", "method", "requested", "sparsity", "accuracy",
+                                     "epsilon_ratio"]
     last = [row for row in history_rows if row["epoch"] == "1" and row["method"] == "global"]
     assert [float(row["accuracy"]) for row in last] == callback.history[1]["curves"]["global"]["metrics"]["accuracy"]
     assert [float(row["sparsity"]) for row in last] == callback.history[1]["curves"]["global"]["sparsities"]
@@ -616,7 +630,8 @@ def test_state_dict_round_trip_and_defaults() -> None:
     assert fresh.history == []
     fresh.load_state_dict({"history": [{"epoch": 2}]})
     assert fresh.history == [
-        {"epoch": 2, "global_step": -1, "curves": {}, "compressibility": {}, "auc": {}, "auc_metric": "accuracy"}
+        {"epoch": 2, "global_step": -1, "curves": {}, "compressibility": {}, "auc": {}, "auc_metric": "accuracy",
+         "at_epsilon": {}}
     ]
 
 
@@ -785,5 +800,419 @@ def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Pa
         for method in methods:
             single = evaluate_pruning_curve(model, data, LEVELS, method=method, metrics=counting_metrics())
             assert histories[prefix][-1]["curves"][method] == single.to_dict(), (prefix, method)
+        # the epsilon point too, its count showing that it also saw every sample once
+        point = evaluate_at_epsilon(model, data, metrics=counting_metrics()).to_dict()
+        logged = histories[prefix][-1]["at_epsilon"]
+        assert {k: v for k, v in logged.items() if k not in ("sparsity", "removed")} == point, prefix
+        assert logged["metrics"]["count"] == len(data.dataset)
     assert held[0]["callback_metrics"]["given/auc"] == pytest.approx(histories["given"][-1]["auc"]["global"], abs=1e-6)
     assert math.isfinite(held[0]["callback_metrics"]["dm/fraction_prunable/total"])
+
+
+# --------------------------------------------------------------------------- issue 8, item 11: what is pruned
+
+
+def test_default_prunes_neither_the_output_layer_nor_reports_it(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from lightning_heavytail.models import BiasFreeMLP, Classifier
+
+    # the README's snippet: method=("neuron", "global") with every other argument left at its default
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("neuron", "global"), dataloader=loader(24, 0))
+    model = Classifier(BiasFreeMLP(8, 3, width=16, depth=2), num_classes=3, lr=0.05)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with caplog.at_level("INFO"):
+        trainer.fit(model, loader(32, 1))
+    hidden = ["net.hidden1.weight", "net.hidden2.weight"]
+    entry = callback.history[-1]
+    assert [entry["curves"][m]["params"] for m in ("neuron", "global")] == [hidden, hidden]
+    report_params = {key.split("/", 1)[1] for key in entry["compressibility"] if key.startswith("fraction_prunable/")}
+    assert report_params == {*hidden, "total"}  # the report measures what the curves prune: not net.out.weight
+    assert "pruning/fraction_prunable/net.out.weight" not in trainer.callback_metrics
+    assert "leaves out net.out.weight (the output layer" in caplog.text
+    # params="weights" brings the output layer back, in the curves and in the report
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), method="neuron", dataloader=loader(24, 0), params="weights")
+    Trainer(**trainer_kwargs(tmp_path), callbacks=[callback]).fit(model, loader(32, 1))
+    assert callback.history[-1]["curves"]["neuron"]["params"] == [*hidden, "net.out.weight"]
+    assert "fraction_prunable/net.out.weight" in callback.history[-1]["compressibility"]
+
+
+# --------------------------------------------------------------------------- item 12: unscorable output, at fit start
+
+
+class DictOutputNet(PlainMLP):
+    """A Hugging Face-style model: returns a dict; training reads its loss."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        logits = super().forward(x)
+        return {"logits": logits, "hidden_states": torch.relu(self.hidden(x))}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)["logits"], y)
+
+
+class Regressor(PlainMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(24, 1, bias=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x).squeeze(1), y)
+
+
+def regression_loader(n: int = 24) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return DataLoader(TensorDataset(x, x[:, 0] - x[:, 1]), batch_size=8)
+
+
+class ComplexWeight(PlainMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rotation = nn.Parameter(torch.randn(8, 8, dtype=torch.complex64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward((x.to(torch.complex64) @ self.rotation).real)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "data", "kwargs", "match"),
+    [
+        (DictOutputNet, loader(24, 0), {}, r"returned a dict with keys \['logits', 'hidden_states'\].*output_key="),
+        (Regressor, regression_loader(), {},
+         r"shape \(N, C\) with C >= 2, got preds of shape \(8, 1\).*MeanSquaredError"),
+        (PlainMLP, regression_loader(), {}, r"integer class labels as target, got torch.float32.*regression metric"),
+        (PlainMLP, loader(24, 0), {"metrics": MulticlassAccuracy(num_classes=3), "auc_metric": "f1"},
+         r"`auc_metric` must be one of \['MulticlassAccuracy'\] .* got 'f1'"),
+        (ComplexWeight, loader(24, 0), {"params": "weights"}, r"complex tensors \['rotation'\]"),
+    ],
+)
+def test_what_cannot_be_scored_stops_the_run_at_fit_start(tmp_path: Path, make_model: Any, data: DataLoader,
+                                                          kwargs: dict[str, Any], match: str) -> None:
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=data, **kwargs)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, loader(32, 1) if make_model is not Regressor else regression_loader(32))
+    assert trainer.global_step == 0  # before the first training step, not after an epoch
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_output_key_reads_the_logits_of_a_dict_output(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("global", "neuron", "structured"),
+                                 dataloader=loader(24, 0), output_key="logits")
+    model = DictOutputNet()
+    Trainer(**trainer_kwargs(tmp_path), callbacks=[callback]).fit(model, loader(32, 1))
+    plain = PlainMLP()
+    plain.load_state_dict(model.state_dict())
+    for method in ("global", "neuron", "structured"):
+        reference = evaluate_pruning_curve(plain, loader(24, 0), (0.0, 0.5, 0.9), method=method)
+        assert callback.history[-1]["curves"][method] == reference.to_dict()
+
+
+def test_a_regression_model_is_scored_with_a_regression_metric(tmp_path: Path) -> None:
+    from torchmetrics import MeanSquaredError
+
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=regression_loader(),
+                                 forward_fn=lambda m, b: (m(b[0]).squeeze(1), b[1]), metrics=MeanSquaredError())
+    Trainer(**trainer_kwargs(tmp_path), callbacks=[callback]).fit(Regressor(), regression_loader(32))
+    mse = callback.history[-1]["curves"]["global"]["metrics"]["MeanSquaredError"]
+    assert len(mse) == 2 and all(math.isfinite(v) and v > 0 for v in mse)
+
+
+# --------------------------------------------------------------------------- item 15: several callbacks
+
+
+def test_callbacks_with_distinct_prefixes_write_distinct_history_files(tmp_path: Path) -> None:
+    first = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), compressibility=False)
+    second = PruneEvalCallback(sparsities=(0.0, 0.9), method="neuron", dataloader=loader(24, 0),
+                               compressibility=False, log_prefix="eval/paper")
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[first, second])
+    trainer.fit(TinyNet(), loader(32, 1))
+    assert (first.history_stem, second.history_stem) == ("prune_eval", "prune_eval_eval_paper")
+    for callback in (first, second):
+        with open(tmp_path / f"{callback.history_stem}.json") as f:
+            written = json.load(f)
+        assert written["methods"] == list(callback.methods)
+        assert written["history"] == json.loads(json.dumps(callback.history))
+        assert (tmp_path / f"{callback.history_stem}.csv").is_file()
+    assert "eval/paper/neuron/accuracy@0.90" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("second", "match"),
+    [
+        ({"method": "neuron"}, r"Two PruneEvalCallbacks have `log_prefix`='pruning'"),
+        ({"log_prefix": "a_b"}, r"same history files prune_eval_a_b.json"),  # the first one's prefix is "a/b"
+    ],
+)
+def test_callbacks_that_would_overwrite_each_other_are_refused_at_setup(tmp_path: Path, second: dict[str, Any],
+                                                                       match: str) -> None:
+    first_kwargs = {"log_prefix": "a/b"} if "log_prefix" in second else {}
+    callbacks = [PruneEvalCallback(dataloader=loader(24, 0), **first_kwargs),
+                 PruneEvalCallback(dataloader=loader(24, 0), **second)]
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=callbacks)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(TinyNet(), loader(32, 1))
+    assert trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------- item 16: levels past two decimals
+
+
+def test_levels_past_two_decimals_get_their_own_tags_and_report_keys(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0, 0.9, 0.99, 0.995), dataloader=loader(24, 0))
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(PlainMLP(), loader(32, 1))
+    metrics = trainer.callback_metrics
+    curve = callback.history[-1]["curves"]["global"]
+    for label, value in zip(("0.00", "0.90", "0.99", "0.995"), curve["metrics"]["accuracy"], strict=True):
+        assert metrics[f"pruning/accuracy@{label}"].item() == pytest.approx(value, abs=1e-6)
+    report = callback.history[-1]["compressibility"]
+    assert {f"best_k_error@{label}/total" for label in ("0.90", "0.99", "0.995")} <= set(report)
+    assert report["best_k_error@0.995/total"] > report["best_k_error@0.99/total"]  # two levels, two values
+    assert metrics["pruning/best_k_error@0.995/total"].item() == pytest.approx(report["best_k_error@0.995/total"])
+
+
+# --------------------------------------------------------------------------- item 13: DDP with BatchNorm
+
+
+class BatchNormNet(PlainMLP):
+    """BatchNorm with momentum 1: its running statistics are those of the last training batch the rank saw.
+
+    Each rank trains on its own data (run with ``use_distributed_sampler=False``): rank 0's inputs shifted by +3,
+    rank 1's by -3, so the ranks' statistics differ widely.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(24, momentum=1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.norm(self.hidden(x))))
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = dataset(32, seed=1).tensors
+        shift = 3.0 if self.trainer.global_rank == 0 else -3.0
+        return DataLoader(TensorDataset(x + shift, y), batch_size=4)
+
+
+class DumpBuffers(Callback):
+    """Every rank writes its buffers at the end of the epoch (place it before PruneEvalCallback)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        buffers = {k: v.detach().clone() for k, v in pl_module.named_buffers()}
+        torch.save(buffers, os.path.join(self.directory, f"buffers{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_with_batchnorm_logs_the_curve_of_the_saved_model(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=LEVELS, method=("global", "neuron"), dataloader=loader(37, 10, 4),
+                                 compressibility=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn", enable_checkpointing=True,
+                         use_distributed_sampler=False),
+        callbacks=[DumpBuffers(str(tmp_path)), callback, checkpoint, DumpPerRank(str(tmp_path))],
+    )
+    torch.manual_seed(0)
+    trainer.fit(BatchNormNet())
+    before = [torch.load(tmp_path / f"buffers{r}.pt") for r in range(2)]
+    held = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    # the ranks' running statistics really differ (else this test proves nothing) ...
+    assert (before[0]["norm.running_mean"] - before[1]["norm.running_mean"]).abs().max() > 1.0
+    # ... and each rank got its own back after the evaluation
+    for rank in range(2):
+        for key, value in before[rank].items():
+            assert torch.equal(held[rank]["state_dict"][key], value), (rank, key)
+    # the logged curve is the single-process curve of the checkpointed model (rank 0's buffers), on every rank
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(saved["norm.running_mean"], before[0]["norm.running_mean"])
+    model = BatchNormNet()
+    model.load_state_dict(saved)
+    for method in ("global", "neuron"):
+        single = evaluate_pruning_curve(model, loader(37, 10, 4), LEVELS, method=method)
+        for rank in range(2):
+            assert held[rank]["histories"]["pruning"][-1]["curves"][method] == single.to_dict(), (rank, method)
+    point = evaluate_at_epsilon(model, loader(37, 10, 4)).to_dict()
+    for rank in range(2):
+        logged = held[rank]["histories"]["pruning"][-1]["at_epsilon"]
+        assert {k: v for k, v in logged.items() if k not in ("sparsity", "removed")} == point, rank
+    # with rank 1's statistics the same model scores differently: what the curve would be without the fix
+    model.load_state_dict({**saved, **{k: v for k, v in before[1].items()}})
+    other = evaluate_pruning_curve(model, loader(37, 10, 4), LEVELS, method="global")
+    assert other.metrics != held[0]["histories"]["pruning"][-1]["curves"]["global"]["metrics"]
+
+
+# --------------------------------------------------------------------------- item 17: mid-epoch resume, as documented
+
+
+class RecordingNet(PlainMLP):
+    """Records the sample ids of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, ids = batch
+        self.seen.append(ids.tolist())
+        return self(x).pow(2).mean()
+
+
+def test_mid_epoch_resume_replays_the_epochs_first_batches_as_the_docs_say(tmp_path: Path) -> None:
+    from lightning_heavytail import HeavyTailNoiseCallback
+
+    data = DataLoader(TensorDataset(torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12)),
+                      batch_size=2)  # 6 batches per epoch
+
+    def run(ckpt_path: str | None = None, every_step: bool = False) -> tuple[RecordingNet, list[Callback]]:
+        torch.manual_seed(0)
+        model = RecordingNet()
+        callbacks: list[Callback] = [
+            HeavyTailNoiseCallback(alpha=1.8, sigma=0.1, seed=0, params="weights"),
+            PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(8, 0), compressibility=False, log_figure=False),
+        ]
+        if every_step:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                             filename="{step}"))
+        trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=None,
+                                           enable_checkpointing=every_step), callbacks=callbacks)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, callbacks
+
+    full, full_callbacks = run(every_step=True)
+    mid, mid_callbacks = run(str(tmp_path / "ckpt" / "step=7.ckpt"))  # one batch into the second epoch
+    # the resumed run trains steps 7-11 on the epoch's data from its first batch: [0, 1] again, [10, 11] never
+    assert full.seen[7:] == [[2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert mid.seen == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert not torch.equal(full.hidden.weight, mid.hidden.weight)
+    # what holds: the step count and the noise counter, the epochs evaluated
+    assert mid_callbacks[0].noise_step == full_callbacks[0].noise_step == 12
+    assert [e["epoch"] for e in mid_callbacks[1].history] == [e["epoch"] for e in full_callbacks[1].history] == [0, 1]
+    # from the checkpoint at the epoch's end the resumed run is the uninterrupted one, bitwise
+    end, _ = run(str(tmp_path / "ckpt" / "step=6.ckpt"))
+    assert end.seen == full.seen[6:] and torch.equal(full.hidden.weight, end.hidden.weight)
+    # and the docs quote exactly this measurement
+    docs = (Path(__file__).parents[2] / "docs" / "noise_callback.md").read_text()
+    assert "resumed run trained steps 7-11 on samples `[0,1] [2,3] [4,5] [6,7] [8,9]`" in docs
+    assert "uninterrupted one on `[2,3] [4,5] [6,7] [8,9] [10,11]`" in docs
+
+
+# --------------------------------------------------------------------------- issue 9: the epsilon point
+
+
+class TwoHidden(LightningModule):
+    """Bias-free, two hidden layers of different widths: the epsilon point prunes them to different ratios."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 30, bias=False), nn.Linear(30, 20, bias=False), nn.Linear(20, 3)
+        with torch.no_grad():  # very unequal rows, as heavy-tailed training leaves them
+            self.fc1.weight.mul_(torch.logspace(-2, 1, 30).unsqueeze(1))
+            self.fc2.weight.mul_(torch.logspace(-1.5, 0.5, 20).unsqueeze(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.3])
+def test_epsilon_point_logged_against_an_independent_computation_and_the_core(tmp_path: Path, epsilon: float) -> None:
+    torch.manual_seed(0)
+    data = dataset(60, seed=7)
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("neuron", "global", "structured"),
+                                 dataloader=DataLoader(data, batch_size=16), epsilon=epsilon)
+    model = TwoHidden()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    trainer.fit(model, loader(32, 1))  # the last evaluation saw the final weights
+    point = callback.history[-1]["at_epsilon"]
+    # by hand: each hidden layer's rows within epsilon zeroed, the output layer never, the model run once
+    weights = {"fc1.weight": model.fc1.weight.detach(), "fc2.weight": model.fc2.weight.detach()}
+    rows = {name: rows_to_prune(w.numpy(), epsilon) for name, w in weights.items()}  # the criterion in plain Python
+    ratios = {name: len(rows[name]) / w.shape[0] for name, w in weights.items()}
+    assert point["ratios"] == ratios
+    assert 0.0 < ratios["fc2.weight"] < ratios["fc1.weight"] < 1.0  # two different ratios, neither trivial
+    assert point["ratio"] == (len(rows["fc1.weight"]) + len(rows["fc2.weight"])) / 50
+    w1, w2 = weights["fc1.weight"].clone(), weights["fc2.weight"].clone()
+    w1[rows["fc1.weight"]] = 0.0
+    w2[rows["fc2.weight"]] = 0.0
+    x, y = data.tensors
+    with torch.no_grad():
+        logits = model.out(torch.relu(torch.relu(x @ w1.T) @ w2.T))
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    assert point["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # where the star goes: the share of the pruned entries zeroed, and of all parameters
+    zeroed = len(rows["fc1.weight"]) * 8 + len(rows["fc2.weight"]) * 30
+    assert point["sparsity"] == pytest.approx(zeroed / (30 * 8 + 20 * 30))
+    assert point["removed"] == pytest.approx(zeroed / sum(p.numel() for p in model.parameters()))
+    # the functional core gives the same point; the report's fraction prunable is the same ratio
+    core = evaluate_at_epsilon(model, DataLoader(data, batch_size=16), epsilon=epsilon)
+    assert {k: v for k, v in point.items() if k not in ("sparsity", "removed")} == core.to_dict()
+    assert point["ratio"] == callback.history[-1]["compressibility"]["fraction_prunable/total"]
+    # logged under the prefix, per layer too
+    metrics = trainer.callback_metrics
+    assert metrics["pruning/at_epsilon/accuracy"].item() == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["pruning/at_epsilon/ratio"].item() == pytest.approx(point["ratio"])
+    for name, ratio in ratios.items():
+        assert metrics[f"pruning/at_epsilon/ratio/{name}"].item() == pytest.approx(ratio)
+    assert "pruning/at_epsilon/ratio/out.weight" not in metrics
+    # the files mark it: a JSON field and a CSV row per epoch
+    with open(Path(logger.log_dir) / "prune_eval.json") as f:
+        assert json.load(f)["history"][-1]["at_epsilon"] == json.loads(json.dumps(point))
+    with open(Path(logger.log_dir) / "prune_eval.csv") as f:
+        rows_csv = [row for row in csv.DictReader(f) if row["method"] == "at_epsilon"]
+    assert [row["epoch"] for row in rows_csv] == ["0", "1"]
+    assert float(rows_csv[-1]["requested"]) == epsilon and float(rows_csv[-1]["epsilon_ratio"]) == point["ratio"]
+    assert float(rows_csv[-1]["accuracy"]) == point["metrics"]["accuracy"]
+    assert float(rows_csv[-1]["sparsity"]) == point["sparsity"]
+
+
+def test_epsilon_point_follows_the_prefix_and_can_be_turned_off(tmp_path: Path) -> None:
+    named = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), log_prefix="eval", compressibility=False)
+    off = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), epsilon_point=False, filename=None)
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[named, off])
+    trainer.fit(PlainMLP(), loader(32, 1))
+    assert {"eval/at_epsilon/accuracy", "eval/at_epsilon/ratio", "eval/at_epsilon/ratio/hidden.weight"} <= set(
+        trainer.callback_metrics)
+    assert not any(name.startswith("pruning/at_epsilon") for name in trainer.callback_metrics)
+    assert off.history[-1]["at_epsilon"] == {}
+    with pytest.raises(TypeError, match="`epsilon_point` must be True or False"):
+        PruneEvalCallback(epsilon_point=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["neuron", "structured"])
+def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
+    from lightning_heavytail.callbacks.prune_eval import _curves_figure, _render_curves
+
+    def entry(epoch: int, star: bool) -> dict[str, Any]:
+        curve = {"method": method, "requested": [0.0, 0.5], "sparsities": [0.0, 0.45],
+                 "metrics": {"accuracy": [0.9, 0.7]}, "params": ["fc1.weight"]}
+        point = {"epsilon": 0.1, "ratios": {"fc1.weight": 0.3}, "ratio": 0.3,
+                 "metrics": {"accuracy": 0.85 + epoch / 100}, "sparsity": 0.3, "removed": 0.2}
+        return {"epoch": epoch, "curves": {method: curve}, "at_epsilon": point if star else {}}
+
+    history = [entry(0, True), entry(1, True)]
+    figure = _curves_figure(history, method, "t")
+    stars = [line for line in figure.axes[0].lines if line.get_marker() == "*"]
+    x = 0.2 if method == "structured" else 0.3  # on this method's x-axis
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in stars] == [([x], [0.85]), ([x], [0.86])]
+    assert [line.get_color() for line in stars] == [line.get_color() for line in figure.axes[0].lines
+                                                    if line.get_marker() == "o"]  # each in its epoch's colour
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels.count("epsilon point (epsilon=0.1)") == 1
+    without = [entry(0, False), entry(1, False)]
+    assert not any(line.get_marker() == "*" for line in _curves_figure(without, method, "t").axes[0].lines)
+    assert _render_curves(history, method, "t").shape[2] == 3
