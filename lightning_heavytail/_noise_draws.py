@@ -26,7 +26,7 @@ MIXING_WORDS = (as_int64(0xC0AC29B7C97C50DD), as_int64(0x3F84D5B5B5470917))
 # Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below the scale bound of noise.check_noise_scale a
 # finite float32/bfloat16/float64 parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach
 # ~1e38, so there, as for fp16, the sum is checked before it is written.
-_HEAVIEST_SAFE_ALPHA = 0.5
+HEAVIEST_SAFE_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,6 @@ def scaled_noise(target: NoiseTarget, alpha: float, scale: float, structure: str
 def is_narrow(dtype: torch.dtype) -> bool:
     # fp16 (max 65504) overflows under heavy-tailed noise; bf16, fp32 and fp64 share float32's range or more.
     return torch.finfo(dtype).max < 1e38
-
-
-def may_overflow(dtype: torch.dtype, alpha: float) -> bool:
-    """Whether ``param + noise`` can overflow ``dtype`` although both are finite."""
-    return is_narrow(dtype) or (alpha < _HEAVIEST_SAFE_ALPHA and dtype != torch.float64)
 
 
 def as_target(item: tuple[str, Tensor] | NoiseTarget) -> NoiseTarget:
