@@ -11,9 +11,9 @@ the vanilla network of the same seed pruned to that ratio (``evaluate_at_ratios`
 stopping rule. ``ratio > vanilla`` says whether the ratio exceeds the vanilla ratio by more than the sum of the two sd
 (the demo's verdict rule); ``held`` whether no seed loses more than 2 points at the epsilon point.
 
-Run:  python benchmarks/sweep_demo.py                      (both models, DEFAULT_PLAN; on 2 idle CPU cores the
-                                                            mean-field widths 2000 and 5000 took 74 s, the standard
-                                                            model 176 s; width 20000 costs about 4x width 5000)
+Run:  python benchmarks/sweep_demo.py                      (both models, DEFAULT_PLAN: about 10-12 minutes on 2 CPU
+                                                            cores; measured in parts: mean-field widths 2000 and 5000
+                                                            74 s, width 20000 451 s, standard 176 s)
       python benchmarks/sweep_demo.py --model meanfield --widths 5000 --sigmas 0.1 --seeds 5
       python benchmarks/sweep_demo.py --dataset mnist5k --widths 2048 --sigmas 0.1 --seeds 3   (needs the data extra)
 """
