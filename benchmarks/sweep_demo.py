@@ -11,8 +11,10 @@ the vanilla network of the same seed pruned to that ratio (``evaluate_at_ratios`
 stopping rule. ``ratio > vanilla`` says whether the ratio exceeds the vanilla ratio by more than the sum of the two sd
 (the demo's verdict rule); ``held`` whether no seed loses more than 2 points at the epsilon point.
 
-Run:  python benchmarks/sweep_demo.py                      (about 10 minutes on 2 CPU cores)
-      python benchmarks/sweep_demo.py --model standard --sigmas 0.01 0.03 --widths 5000
+Run:  python benchmarks/sweep_demo.py                      (both models, DEFAULT_PLAN: about 10-12 minutes on 2 CPU
+                                                            cores; measured in parts: mean-field widths 2000 and 5000
+                                                            74 s, width 20000 451 s, standard 176 s)
+      python benchmarks/sweep_demo.py --model meanfield --widths 5000 --sigmas 0.1 --seeds 5
       python benchmarks/sweep_demo.py --dataset mnist5k --widths 2048 --sigmas 0.1 --seeds 3   (needs the data extra)
 """
 
@@ -101,12 +103,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_PLAN: dict[str, tuple[list[int], list[float]]] = {
+    "meanfield": ([2000, 5000, 20000], [0.05, 0.1, 0.2]),
+    "standard": ([5000], [0.01, 0.03]),
+}
+"""Without ``--model``: per model, the widths and noise levels swept (about 10 minutes on 2 CPU cores)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=tuple(MODEL_DEFAULTS), default="meanfield")
+    parser.add_argument("--model", choices=tuple(MODEL_DEFAULTS), default=None,
+                        help="one model (default: both, with DEFAULT_PLAN's widths and sigmas)")
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--widths", type=int, nargs="+", default=[2000, 5000])
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--widths", type=int, nargs="+", default=None)
+    parser.add_argument("--sigmas", type=float, nargs="+", default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=None, help="default: the demo's for the model")
     parser.add_argument("--alpha", type=float, default=1.75)
@@ -116,7 +126,11 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch threads"
           f" {__import__('torch').get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
     started = time.perf_counter()
-    rows = sweep(args.model, args.dataset, args.widths, args.sigmas, args.seeds, args.lr, args.alpha)
+    rows = []
+    for model in [args.model] if args.model else list(DEFAULT_PLAN):
+        widths, sigmas = DEFAULT_PLAN[model]
+        rows += sweep(model, args.dataset, args.widths or widths, args.sigmas or sigmas, args.seeds, args.lr,
+                      args.alpha)
     print(table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -587,9 +587,10 @@ def _verdict(results: dict[str, Any]) -> str:
 
     ratio_gap = ht["epsilon_ratio"]["mean"] - van["epsilon_ratio"]["mean"]
     ratio_spread = ht["epsilon_ratio"]["std"] + van["epsilon_ratio"]["std"]
-    shown = ratio_gap > ratio_spread
+    shown = n > 1 and ratio_gap > ratio_spread
+    answer = "yes" if shown else ("not judged (one seed: no spread)" if n < 2 else "not shown")
     lines.append(
-        f"more compressible: {'yes' if shown else 'not shown'}: epsilon ratio {_pm(ht['epsilon_ratio'], 3)} vs"
+        f"more compressible: {answer}: epsilon ratio {_pm(ht['epsilon_ratio'], 3)} vs"
         f" {_pm(van['epsilon_ratio'], 3)}, difference {ratio_gap:+.3f}"
         f" {'exceeds' if shown else 'does not exceed'} the seed spread {ratio_spread:.3f} (sum of the two sd)"
     )
@@ -611,6 +612,8 @@ def _verdict(results: dict[str, Any]) -> str:
     if n > 1 and abs(gap["mean"]) > gap["std"]:
         better = "better" if gap["mean"] > 0 else "worse"
         tail = f"heavytail {better} than vanilla pruned to the same ratio"
+    elif n < 2:
+        tail = "vanilla pruned to the same ratio: not judged (one seed: no spread)"
     else:
         tail = "vanilla pruned to the same ratio is as good (the difference is within the seed spread)"
     lines.append(

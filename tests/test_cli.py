@@ -25,7 +25,8 @@ def tiny_run(tmp_path_factory):
 
 
 def spread(values):
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": list(values)}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "values": list(values)}
 
 
 def check_spread(stat, values):
@@ -125,13 +126,15 @@ def test_demo_prints_table_verdict_and_tensorboard_hint(tiny_run):
 
 
 def make_summary(van_ratio, ht_ratio, ht_acc, ht_eps_acc, van_at_ratio):
+    n = len(van_ratio)
+
     def block(accuracy, ratio, eps_acc):
         return {"accuracy": spread(accuracy), "epsilon_ratio": spread(ratio), "epsilon_accuracy": spread(eps_acc),
-                "steps": spread([10, 10, 10])}
+                "steps": spread([10] * n)}
 
-    summary = {"vanilla": block([0.9] * 3, van_ratio, [0.9] * 3), "heavytail": block(ht_acc, ht_ratio, ht_eps_acc)}
+    summary = {"vanilla": block([0.9] * n, van_ratio, [0.9] * n), "heavytail": block(ht_acc, ht_ratio, ht_eps_acc)}
     summary["vanilla"]["accuracy_at_heavytail_ratio"] = spread(van_at_ratio)
-    runs = [{"reached_stop": True}] * 3
+    runs = [{"reached_stop": True}] * n
     return {"summary": summary, "vanilla": {"runs": runs}, "heavytail": {"runs": runs}}
 
 
@@ -150,6 +153,9 @@ def test_the_verdict_states_an_effect_only_beyond_the_seed_spread():
     assert "heavytail worse than vanilla pruned to the same ratio" in noisy
     assert "accuracy held at the epsilon point (within 2 points): no" in noisy
     assert "loses up to 4.0 points (worst seed)" in noisy
+    single = _verdict(make_summary([0.34], [0.6], [0.94], [0.93], [0.93]))
+    assert single.splitlines()[0].startswith("more compressible: not judged (one seed: no spread)")
+    assert "vanilla pruned to the same ratio: not judged" in single
 
 
 def test_demo_stops_at_the_training_accuracy_and_evaluates_the_final_model(tmp_path, capsys):

@@ -781,8 +781,10 @@ def test_ddp_two_processes_every_rank_gets_the_single_process_curve(tmp_path: Pa
     # every rank holds the same weights, histories and logged values
     for key in held[0]["state_dict"]:
         assert torch.equal(held[0]["state_dict"][key], held[1]["state_dict"][key])
-    assert held[0]["histories"] == held[1]["histories"]
-    assert held[0]["callback_metrics"] == held[1]["callback_metrics"]
+    # compared as JSON, where NaN (a per-unit tail index of the 3-unit output layer) equals NaN
+    assert json.dumps(held[0]["histories"], sort_keys=True) == json.dumps(held[1]["histories"], sort_keys=True)
+    logged = [json.dumps({k: float(v) for k, v in h["callback_metrics"].items()}, sort_keys=True) for h in held]
+    assert logged[0] == logged[1]
     histories = held[0]["histories"]
     assert [len(histories[p]) for p in ("given", "dm", "list")] == [1, 1, 1]
     # no sample duplicated or lost: the synced count is the dataset size at every level
