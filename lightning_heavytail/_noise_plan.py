@@ -144,6 +144,16 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
     return batches
 
 
+def _none_non_finite(tensors: list[Tensor], device: torch.device) -> bool:
+    """True if no tensor holds inf or NaN, in one fused pass (False also where the fused op is unavailable)."""
+    found = torch.zeros(1, device=device)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - an old torch without the CPU kernel
+        return False
+    return not bool(found.item())
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and (
         torch.distributed.get_world_size() > 1
@@ -209,22 +219,22 @@ class NoisePlan:
     def _finite(self, work: set[int]) -> dict[int, bool]:
         """Whether each target in ``work`` is finite: one reduction pass per device and dtype, one sync each.
 
-        A float sum or norm is inf or NaN whenever a tensor holds inf or NaN; it can also overflow for huge finite
-        values, so only the tensors it flags get the exact elementwise test. A few tensors are summed one by one (a sum
-        reads each entry once, half the cost of a norm); many take one fused ``torch._foreach_norm`` (one call, not
-        one per tensor).
+        A few tensors are summed one by one (a sum reads each entry once, and is inf or NaN whenever a tensor holds
+        inf or NaN). Many take one fused call, not one per tensor: GradScaler's non-finite check, with a factor of 1
+        (which writes every value back unchanged), then, only if it finds something, the per-tensor test that names
+        the culprit. A sum can also overflow for huge finite values, so the tensors it flags get the exact test.
         """
         finite: dict[int, bool] = {}
-        for (_, dtype), group in self._norm_groups:
+        for (device, dtype), group in self._norm_groups:
             members = [i for i in group if i in work]
             if not members:
                 continue
             tensors = [self.targets[i].tensor for i in members]
-            if len(tensors) <= _SUMMED_ONE_BY_ONE:
-                reductions = [tensor.sum(dtype=dtype) for tensor in tensors]
-            else:
-                reductions = list(torch._foreach_norm(tensors, 2, dtype=dtype))
-            for i, ok in zip(members, torch.stack(reductions).isfinite().tolist(), strict=True):
+            if len(tensors) > _SUMMED_ONE_BY_ONE and _none_non_finite(tensors, device):
+                finite.update((i, True) for i in members)
+                continue
+            sums = torch.stack([tensor.sum(dtype=dtype) for tensor in tensors])
+            for i, ok in zip(members, sums.isfinite().tolist(), strict=True):
                 finite[i] = bool(ok) or bool(torch.isfinite(self.targets[i].tensor).all())
         return finite
 

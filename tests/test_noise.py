@@ -242,3 +242,19 @@ def test_fp16_noise_is_added_in_float32_and_rounded_once():
         noise = torch.zeros(8, 8)
         add_heavy_tailed_noise([(f"h{i}", noise)], 1.7, 0.01, structure="iid", seed=3, step=1)
         assert torch.equal(p, (b.float() + noise).half())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_many_parameters_are_checked_in_one_pass_and_the_culprit_is_named(bad):
+    # Beyond a few tensors the check is one fused pass over all of them; it must still find any inf or NaN, name the
+    # parameter, and leave every parameter bitwise as it was.
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 4, generator=g) for _ in range(20)]
+    params[13][2, 1] = bad
+    before = [p.clone() for p in params]
+    with pytest.raises(NonFiniteParameterError, match="'p13' holds inf or NaN"):
+        add_heavy_tailed_noise([(f"p{i}", p) for i, p in enumerate(params)], 1.7, 0.1, structure="iid")
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b) or (bad != bad and torch.equal(p.nan_to_num(), b.nan_to_num()))
+    stats = add_heavy_tailed_noise([(f"p{i}", p) for i, p in enumerate(params)], 1.7, 0.1, on_nonfinite="skip")
+    assert stats.skipped == ["p13"] and len(stats.noised) == 19
