@@ -77,6 +77,39 @@ def check_positive_finite(value: Any, argument: str, *, allow_zero: bool = False
         raise ValueError(f"`{argument}` must be a finite number {bound}, got {value!r}")
 
 
+def check_shape(shape: Any) -> torch.Size:
+    """``shape`` (an int >= 0 or a sequence of them) as a ``torch.Size``."""
+    dims = [shape] if is_integer(shape) else shape
+    allowed = "an int >= 0 or a sequence of ints >= 0"
+    if not isinstance(dims, Sequence) or not all(is_integer(d) for d in dims):
+        raise TypeError(f"`shape` must be {allowed}, got {_got(shape)}")
+    if any(int(d) < 0 for d in dims):
+        raise ValueError(f"`shape` must be {allowed}, got {shape!r}")
+    return torch.Size([int(d) for d in dims])
+
+
+def check_stream_key(key: Any) -> tuple[int, int]:
+    """A 128-bit stream key: two signed 64-bit ints (see ``stable.derive_key``)."""
+    allowed = "two signed 64-bit ints (see derive_key)"
+    if not isinstance(key, (tuple, list)) or len(key) != 2 or not all(is_integer(word) for word in key):
+        raise TypeError(f"`key` must be {allowed}, got {key!r}")
+    if not all(-(2**63) <= word < 2**63 for word in key):
+        raise ValueError(f"`key` must be {allowed}, got {key!r}")
+    return int(key[0]), int(key[1])
+
+
+def check_draw_index(index: Any) -> None:
+    """The positions of draws in a stream: an int64 tensor, or a range with step 1 from a start >= 0."""
+    if isinstance(index, torch.Tensor):
+        if index.dtype != torch.int64:
+            raise TypeError(f"`index` must be an int64 tensor or a range, got a {index.dtype} tensor")
+    elif isinstance(index, range):
+        if index.step != 1 or index.start < 0:
+            raise ValueError(f"`index` must be a range with step 1 and a start >= 0, got {index!r}")
+    else:
+        raise TypeError(f"`index` must be an int64 tensor or a range, got {type(index).__name__}")
+
+
 def check_noise_scale(scale: Any, argument: str = "scale") -> None:
     """Check that a noise scale is finite, >= 0 and at most ``MAX_NOISE_SCALE`` (heavier noise overflows float32).
 

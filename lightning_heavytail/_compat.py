@@ -6,11 +6,13 @@ Each function says what it reads and why no public API serves.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 
 def evaluation_data_sources(trainer: Trainer) -> list[tuple[str, Any]]:

@@ -27,7 +27,6 @@ from lightning_heavytail._noise_draws import (
     NoiseTarget,
     as_target,
     check_distinct,
-    compute_dtype,
     draw_count,
     may_overflow,
     name_key,
@@ -35,6 +34,7 @@ from lightning_heavytail._noise_draws import (
     scaled_noise,
     unit_shape,
 )
+from lightning_heavytail._tensors import all_finite, compute_dtype
 from lightning_heavytail.sharding import is_sharded, local_part
 from lightning_heavytail.stable import derive_key
 
@@ -115,7 +115,7 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
     batches: list[_Batch] = []
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, target in enumerate(targets):
-        device, dtype = target.tensor.device, compute_dtype(target.tensor)
+        device, dtype = target.tensor.device, compute_dtype(target.tensor.dtype)
         count = draw_count(target.block, structure)
         path = choose_path(count, device)
         if path == "compiled" or count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
@@ -187,7 +187,7 @@ class NoisePlan:
         self._batches = _plan_batches(self.targets, structure)
         norm_groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, target in enumerate(self.targets):
-            norm_groups.setdefault((target.tensor.device, compute_dtype(target.tensor)), []).append(i)
+            norm_groups.setdefault((target.tensor.device, compute_dtype(target.tensor.dtype)), []).append(i)
         self._norm_groups = list(norm_groups.items())
 
     def _signature(self) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
@@ -213,7 +213,7 @@ class NoisePlan:
                 continue
             norms = torch._foreach_norm([self.targets[i].tensor for i in members], 2, dtype=dtype)
             for i, ok in zip(members, torch.stack(norms).isfinite().tolist(), strict=True):
-                finite[i] = bool(ok) or bool(torch.isfinite(self.targets[i].tensor).all())
+                finite[i] = bool(ok) or all_finite(self.targets[i].tensor)
         return finite
 
     def _problems(self, work: list[int], scales: Sequence[float], alpha: float, seed: int,
