@@ -58,6 +58,7 @@ __all__ = [
     "InPlaceMethod",
     "LevelPlan",
     "PruningMethod",
+    "SingularValuePlan",
     "ThresholdPlan",
     "method_named",
     "require_methods",

@@ -1125,3 +1125,46 @@ def test_epsilon_point_follows_the_prefix_and_can_be_turned_off(tmp_path: Path) 
     assert off.history[-1]["at_epsilon"] == {}
     with pytest.raises(TypeError, match="`epsilon_point` must be True or False"):
         PruneEvalCallback(epsilon_point=1)  # type: ignore[arg-type]
+
+
+def test_the_svd_method_in_the_callback_is_the_functional_curve(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("svd", "neuron"), dataloader=loader(24, 0),
+                                 filename=None)
+    model = PlainMLP()
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(model, loader(32, 1))
+    reference = evaluate_pruning_curve(model, loader(24, 0), (0.0, 0.5, 0.9), method="svd")
+    assert callback.history[-1]["curves"]["svd"] == reference.to_dict()
+    assert reference.params == ["hidden.weight"] and reference.sparsities == [0.0, 0.5, 0.875]  # of 8 values
+    assert trainer.callback_metrics["pruning/svd/measured_sparsity@0.90"] == pytest.approx(0.875)
+    assert float(trainer.callback_metrics["pruning/accuracy@0.50"]) == pytest.approx(reference.metrics["accuracy"][1])
+
+
+def test_sharding_strategies_are_refused_at_setup() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    # Lightning refuses FSDP on the CPU when the Trainer is built: the setup hook is given the strategy alone
+    trainers = [SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]),
+                Trainer(strategy=ModelParallelStrategy(), logger=False, enable_progress_bar=False)]
+    for trainer in trainers:
+        with pytest.raises(ValueError, match=f"PruneEvalCallback does not support {type(trainer.strategy).__name__}:"
+                                             " it shards parameters.*single-device or DDP-family"):
+            PruneEvalCallback(dataloader=loader(8, 0)).setup(trainer, PlainMLP(), "fit")  # type: ignore[arg-type]
+
+
+def test_missing_optional_packages_are_named_with_their_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_utilities.core.imports import RequirementCache
+
+    from lightning_heavytail._extras import REQUIREMENTS
+
+    monkeypatch.setitem(REQUIREMENTS, "structured", RequirementCache("torch-pruning-not-installed-here"))
+    with pytest.raises(ModuleNotFoundError, match=r"method='structured'.*'lightning-heavytail\[structured\]'"):
+        PruneEvalCallback(method=["neuron", "structured"])  # at construction
+    monkeypatch.setitem(REQUIREMENTS, "figures", RequirementCache("matplotlib-not-installed-here"))
+    callback = PruneEvalCallback(dataloader=loader(8, 0))
+    logger = TensorBoardLogger(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match=r"log_figure=True.*'lightning-heavytail\[figures\]'"):
+        callback.setup(Trainer(logger=logger, enable_progress_bar=False), PlainMLP(), "fit")  # at setup
+    PruneEvalCallback(dataloader=loader(8, 0), log_figure=False).setup(Trainer(logger=logger), PlainMLP(), "fit")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from lightning_utilities.core.imports import RequirementCache
 
-from lightning_heavytail import _extras
+from lightning_heavytail._extras import REQUIREMENTS
 from lightning_heavytail.callbacks._prune_history import (
     EpsilonRecord,
     EvaluationRecord,
@@ -76,7 +76,7 @@ def test_history_files_hold_every_record(tmp_path: Path) -> None:
 
 
 def test_figures_without_matplotlib_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(_extras.REQUIREMENTS, "figures", RequirementCache("matplotlib-not-installed-here"))
+    monkeypatch.setitem(REQUIREMENTS, "figures", RequirementCache("matplotlib-not-installed-here"))
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-heavytail\[figures\]'"):
         curves_figure([record()], "global", "t")
 
