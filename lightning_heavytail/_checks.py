@@ -132,6 +132,17 @@ def check_choice(value: Any, allowed: Collection[Any], argument: str) -> None:
     raise error(f"`{argument}` must be one of {sorted(allowed)!r}, got {value!r}")
 
 
+def check_weight(weight: Any, argument: str = "weight") -> torch.Tensor:
+    """``weight`` detached: a tensor with at least one dimension and one entry."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim == 0 or weight.numel() == 0:
+        raise ValueError(
+            f"`{argument}` must have at least one dimension and one entry, got shape {tuple(weight.shape)}"
+        )
+    return weight.detach()
+
+
 def check_metric_name(name: Any, known: Collection[str], argument: str) -> None:
     """Raise unless ``name`` is one of the metric names ``known`` (those the evaluation computes)."""
     if name not in known:

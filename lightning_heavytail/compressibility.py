@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_heavytail._checks import check_fraction, check_int, validate_epsilon, validate_sparsities
+from lightning_heavytail._checks import check_fraction, check_int, check_weight, validate_epsilon, validate_sparsities
 from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, compute_dtype, sort_ascending
 from lightning_heavytail.pruning.curve import level_label
 from lightning_heavytail.pruning.epsilon import prunable_units
@@ -84,16 +84,6 @@ DEFAULT_REPORT_SPARSITIES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
 
 _TAIL_KEYS = ("alpha_mohammadi", "alpha_hill", "alpha_mohammadi_units", "alpha_hill_units")
-
-
-def _check_weight(weight: Any, argument: str = "weight") -> Tensor:
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.ndim == 0 or weight.numel() == 0:
-        raise ValueError(
-            f"`{argument}` must have at least one dimension and one entry, got shape {tuple(weight.shape)}"
-        )
-    return weight.detach()
 
 
 def _best_k_errors(magnitudes_sorted: Tensor, sparsities: Sequence[float]) -> list[float]:
@@ -130,7 +120,7 @@ def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
         >>> best_k_relative_error(w, 0.75)  # drops 0, 0 and 3: sqrt(9 / 25)
         0.6
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     level = check_fraction(sparsity, "sparsity", upper_open=True)
     if not all_finite(weight):
         return math.nan
@@ -159,7 +149,7 @@ def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
         >>> fraction_prunable(w, 0.2)  # budget 3.8: both units of squared norm 1
         0.5
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     eps = validate_epsilon(epsilon)
     if not all_finite(weight):
         return math.nan
@@ -198,7 +188,7 @@ def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
         >>> abs(mohammadi_alpha(torch.distributions.Cauchy(0.0, 1.0).sample((100_000,))) - 1.0) < 0.1
         True
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     check_int(m, "m", minimum=2, allow_none=True)
     if not all_finite(weight):
         return math.nan
@@ -245,7 +235,7 @@ def hill_alpha(weight: Tensor, k: int | None = None) -> float:
         >>> round(hill_alpha(pareto), 1)
         1.5
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     check_int(k, "k", minimum=1, allow_none=True)
     if not all_finite(weight):
         return math.nan
@@ -270,7 +260,7 @@ def unit_means(weight: Tensor) -> Tensor:
         >>> unit_means(torch.tensor([[1.0, 3.0], [-2.0, 0.0]])).tolist()
         [2.0, -1.0]
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     return weight.reshape(weight.shape[0], -1).to(ACCUMULATE_DTYPE).mean(dim=1)
 
 

@@ -197,9 +197,9 @@ def add_heavy_tailed_noise_groups(
     groups: Sequence[tuple[Sequence[tuple[str, Tensor] | NoiseTarget], float]],
     alpha: float,
     *,
-    structure: NoiseStructure = "iid",
     seed: int = 0,
     step: int = 0,
+    structure: NoiseStructure = "iid",
     on_nonfinite: NonFinitePolicy = "raise",
     track_max: bool = False,
 ) -> NoiseStats:
@@ -212,9 +212,9 @@ def add_heavy_tailed_noise_groups(
     Args:
         groups: ``(named_params, scale)`` pairs; ``named_params`` as in ``add_heavy_tailed_noise``.
         alpha: stability index in (0, 2].
-        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         seed: base seed.
         step: the step counter.
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         on_nonfinite: ``"raise"``, ``"skip"`` or ``"ignore"``, as in ``add_heavy_tailed_noise``.
         track_max: also return the largest |noise| added.
 

@@ -238,19 +238,11 @@ class PruneEvalCallback(Callback):
         if auc_metric is not None and known is not None:
             check_metric_name(auc_metric, known, "auc_metric")
 
-        self.dataloader = dataloader
-        self.metrics = metrics
-        self.every_n_epochs = every_n_epochs
-        self.params = params
-        self.forward_fn = forward_fn
-        self.output_key = output_key
+        self.dataloader, self.metrics, self.every_n_epochs = dataloader, metrics, every_n_epochs
+        self.params, self.forward_fn, self.output_key = params, forward_fn, output_key  # what and how to evaluate
         self.report_sparsities: tuple[float, ...] = report_levels
-        self.log_prefix = log_prefix
-        self.compressibility = compressibility
-        self.epsilon_point = epsilon_point
-        self.log_figure = log_figure
-        self.filename = filename
-        self.auc_metric = auc_metric
+        self.compressibility, self.epsilon_point, self.log_figure = compressibility, epsilon_point, log_figure
+        self.log_prefix, self.filename, self.auc_metric = log_prefix, filename, auc_metric  # where results go
         self.level_names: tuple[str, ...] = tuple(level_label(level) for level in self.sparsities)
         self.records: list[EvaluationRecord] = []
 

@@ -72,9 +72,7 @@ def _traceable_copy(model: nn.Module) -> nn.Module:
             f"method='structured' works on a deep copy, and {type(model).__name__} cannot be deep-copied ({err})."
             " Use method='neuron' (or another mask method), which needs no copy."
         ) from err
-    for param in clone.parameters():
-        param.requires_grad_(True)
-    return clone.eval()
+    return clone.requires_grad_(True).eval()
 
 
 def _output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -204,8 +202,7 @@ class _StructuredPlan:
                     f"torch-pruning failed to remove channels from {self.model_name}: {type(err).__name__}: {err}."
                     " Use method='neuron' (zeroes units without changing shapes)."
                 ) from err
-        for param in clone.parameters():
-            param.requires_grad_(False)
+        clone.requires_grad_(False)
         tracker = _LayerTracker(clone)
         try:
             with torch.no_grad():

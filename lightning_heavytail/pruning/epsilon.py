@@ -84,11 +84,11 @@ def evaluate_at_epsilon(
     dataloader: Iterable[Any],
     *,
     epsilon: float = 0.1,
+    params: ParamSelector | None = None,
+    exclude: Sequence[str] = (),
     metrics: Metric | MetricCollection | None = None,
     forward_fn: ForwardFn | None = None,
     output_key: OutputKey | None = None,
-    params: ParamSelector | None = None,
-    exclude: Sequence[str] = (),
     device: torch.device | str | None = None,
 ) -> EpsilonPoint:
     r"""The paper's measurement: prune each selected layer at the epsilon point and evaluate, no fine-tuning.
@@ -103,13 +103,13 @@ def evaluate_at_epsilon(
         model: any ``nn.Module``.
         dataloader: any iterable of batches, iterated once.
         epsilon: the budget per layer, a share of its squared Frobenius norm, in [0, 1].
-        metrics: as in ``evaluate_pruning_curve`` (default: micro-averaged multiclass accuracy, key ``"accuracy"``).
-        forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(inputs, target)``.
-        output_key: as in ``evaluate_pruning_curve``.
         params: which tensors are pruned, as in ``evaluate_pruning_curve``; default ``None``: the weights the forward
             pass uses, never the output layer (nor the first conv). A parametrized weight is pruned as its effective
             weight.
         exclude: glob patterns of parameter names to leave unpruned.
+        metrics: as in ``evaluate_pruning_curve`` (default: micro-averaged multiclass accuracy, key ``"accuracy"``).
+        forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(inputs, target)``.
+        output_key: as in ``evaluate_pruning_curve``.
         device: where batches and metrics go; default: the device of the model's first parameter.
 
     Returns:

@@ -217,7 +217,11 @@ class InPlaceMethod:
                 raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: it has no singular values")
 
     def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """Write each level, score it; the tensors are restored afterwards (``levels_applied``)."""
+        """Write each level, score it; the tensors are restored afterwards (``levels_applied``).
+
+        The plan (one sort, every level's thresholds) is made once; this loop over levels is where a one-pass
+        evaluation would instead load each batch once and ``writer.apply`` every level to it.
+        """
         self.check(task.model, task.targets, None, task.forward)
         measured: list[float] = []
         values: list[dict[str, float]] = []
