@@ -19,7 +19,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
 
 from lightning_heavytail._extras import import_optional
-from lightning_heavytail.pruning import DEFAULT_METRIC_KEY, EpsilonPoint, PruningCurve, tensor_view
+from lightning_heavytail.pruning import DEFAULT_METRIC_KEY, REGISTRY, EpsilonPoint, PruningCurve, tensor_view
 
 
 @dataclass
@@ -172,7 +172,7 @@ def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
 
     ``history`` holds records, or their JSON form (as in the history file). The star sits at the epsilon point's
     accuracy (or other metric) and at its place on this method's x-axis: the fraction of the pruned entries it zeroes,
-    or for ``"structured"`` the fraction of all parameters.
+    or for a method that prunes copies (``"structured"``) the fraction of all parameters.
 
     Raises:
         ModuleNotFoundError: without matplotlib (the message names the extra to install).
@@ -189,6 +189,7 @@ def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
     epochs = [record.epoch for record in entries]
     norm = colors.Normalize(vmin=min(epochs, default=0), vmax=max(max(epochs, default=0), min(epochs, default=0) + 1))
     mappable = cm.ScalarMappable(norm=norm, cmap="viridis")
+    in_place = getattr(REGISTRY.get(method), "in_place", True)  # else its x-axis is the share of parameters removed
     for ax, name in zip(axes, metric_names, strict=False):
         starred = False
         for record in entries:
@@ -197,7 +198,7 @@ def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
                 ax.plot(curve.sparsities, curve.metrics[name], marker="o", markersize=3, color=color,
                         label=f"epoch {record.epoch}")
             if placed is not None and name in placed.point.metrics:
-                x = placed.removed if method == "structured" else placed.sparsity
+                x = placed.sparsity if in_place else placed.removed
                 ax.plot([x], [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
                         color=color, markeredgecolor="black",
                         label=None if starred else f"epsilon point (epsilon={placed.point.epsilon:g})")

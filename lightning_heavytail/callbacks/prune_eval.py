@@ -118,9 +118,8 @@ class PruneEvalCallback(Callback):
 
     Args:
         sparsities: strictly increasing levels in ``[0, 1)``.
-        method: one of ``lightning_heavytail.pruning.PRUNING_METHODS`` (``"global"``, ``"layerwise"``, ``"neuron"``,
-            ``"svd"``, ``"structured"``), or a sequence of them (one curve each; the first one feeds the short names
-            and ``pruning/auc``).
+        method: one of ``lightning_heavytail.pruning.PRUNING_METHODS`` (see ``lightning_heavytail.pruning.methods``),
+            or a sequence of them (one curve each; the first one feeds the short names and ``pruning/auc``).
         dataloader: any re-iterable of batches (a ``DataLoader``, a list of batches). ``None``: see "Data" above.
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``; ``None``: multiclass accuracy with the number of
             classes taken from the model's output, logged as ``accuracy``.
