@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from lightning_heavytail._counters import SamplerPath, as_int64, choose_path, compile_available
+from lightning_heavytail._tensors import compute_dtype
 from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
 from lightning_heavytail.stable import derive_key, normal_at, positive_stable_at, stable_at, string_word
 
 NAME_LANES = (0x452821E638D01377, 0xBE5466CF34E90C6C)  # more hex digits of pi
 MIXING_WORDS = (as_int64(0xC0AC29B7C97C50DD), as_int64(0x3F84D5B5B5470917))
-# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below the scale bound of noise.check_noise_scale a
+# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below the scale bound of check_noise_scale a
 # finite float32/bfloat16/float64 parameter cannot overflow when noise is added. Below alpha = 0.5 float32 draws reach
 # ~1e38, so there, as for fp16, the sum is checked before it is written.
 HEAVIEST_SAFE_ALPHA = 0.5
@@ -50,11 +51,6 @@ class NoiseTarget:
         """The target of a parameter: itself, or for a DTensor (FSDP2, tensor parallel) its local part."""
         local, block = local_part(tensor)
         return cls(name, local, block, is_sharded(tensor))
-
-
-def compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 parameters get float64 noise; every other dtype gets float32 arithmetic."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -127,7 +123,7 @@ def standard_noise(block: LocalBlock, alpha: float, structure: str, key: tuple[i
 def scaled_noise(target: NoiseTarget, alpha: float, scale: float, structure: str, key: tuple[int, int]) -> tuple[
         Tensor, SamplerPath]:
     """The noise of one target drawn alone, times ``scale``, clipped to the compute dtype (what a batch gives it)."""
-    dtype = compute_dtype(target.tensor)
+    dtype = compute_dtype(target.tensor.dtype)  # float64 parameters get float64 noise, every other float32
     noise, path = standard_noise(target.block, alpha, structure, key, target.tensor.device, dtype)
     finfo = torch.finfo(dtype)
     return noise.mul_(scale).clamp_(finfo.min, finfo.max), path

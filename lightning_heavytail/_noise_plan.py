@@ -28,7 +28,6 @@ from lightning_heavytail._noise_draws import (
     NoiseTarget,
     as_target,
     check_distinct,
-    compute_dtype,
     draw_count,
     is_narrow,
     name_key,
@@ -36,6 +35,7 @@ from lightning_heavytail._noise_draws import (
     scaled_noise,
     unit_shape,
 )
+from lightning_heavytail._tensors import all_finite, compute_dtype
 from lightning_heavytail.sharding import is_sharded, local_part
 from lightning_heavytail.stable import derive_key
 
@@ -118,7 +118,7 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
     batches: list[_Batch] = []
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, target in enumerate(targets):
-        device, dtype = target.tensor.device, compute_dtype(target.tensor)
+        device, dtype = target.tensor.device, compute_dtype(target.tensor.dtype)
         count = draw_count(target.block, structure)
         path = choose_path(count, device)
         if path == "compiled" or count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
@@ -200,7 +200,7 @@ class NoisePlan:
         self._batches = _plan_batches(self.targets, structure)
         norm_groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, target in enumerate(self.targets):
-            norm_groups.setdefault((target.tensor.device, compute_dtype(target.tensor)), []).append(i)
+            norm_groups.setdefault((target.tensor.device, compute_dtype(target.tensor.dtype)), []).append(i)
         self._norm_groups = list(norm_groups.items())
         # which tensors need the overflow check (dtypes do not change while the plan is current, see is_current)
         self._narrow = {i for i, target in enumerate(self.targets) if is_narrow(target.tensor.dtype)}
@@ -235,7 +235,7 @@ class NoisePlan:
                 continue
             sums = torch.stack([tensor.sum(dtype=dtype) for tensor in tensors])
             for i, ok in zip(members, sums.isfinite().tolist(), strict=True):
-                finite[i] = bool(ok) or bool(torch.isfinite(self.targets[i].tensor).all())
+                finite[i] = bool(ok) or all_finite(self.targets[i].tensor)
         return finite
 
     def _problems(self, work: list[int], scales: Sequence[float], alpha: float, seed: int,

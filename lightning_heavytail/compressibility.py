@@ -58,21 +58,16 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_heavytail._checks import check_int
-from lightning_heavytail.pruning import (
-    _sort_ascending,
-    level_label,
-    prunable_units,
-    validate_epsilon,
-    validate_sparsities,
-)
+from lightning_heavytail._checks import check_fraction, check_int, check_weight, validate_epsilon, validate_sparsities
+from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, compute_dtype, sort_ascending
+from lightning_heavytail.pruning.curve import level_label
+from lightning_heavytail.pruning.epsilon import prunable_units
 from lightning_heavytail.selection import ParamSelector, select_parameters
 
 __all__ = [
@@ -91,35 +86,15 @@ DEFAULT_REPORT_SPARSITIES: tuple[float, ...] = (0.5, 0.9, 0.99)
 _TAIL_KEYS = ("alpha_mohammadi", "alpha_hill", "alpha_mohammadi_units", "alpha_hill_units")
 
 
-def _check_weight(weight: Any, argument: str = "weight") -> Tensor:
-    if not isinstance(weight, Tensor):
-        raise ValueError(f"`{argument}` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.ndim == 0 or weight.numel() == 0:
-        raise ValueError(
-            f"`{argument}` must have at least one dimension and one entry, got shape {tuple(weight.shape)}"
-        )
-    return weight.detach()
-
-
-def _check_sparsity(sparsity: Any) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
-
-
-def _is_finite(weight: Tensor) -> bool:
-    return bool(torch.isfinite(weight).all().item())
-
-
 def _best_k_errors(magnitudes_sorted: Tensor, sparsities: Sequence[float]) -> list[float]:
     """Relative best-k errors at each sparsity, from magnitudes sorted ascending (float64 sums)."""
-    total = magnitudes_sorted.to(torch.float64).square().sum()
+    total = magnitudes_sorted.to(ACCUMULATE_DTYPE).square().sum()
     if total.item() == 0.0:
         return [0.0 for _ in sparsities]  # the zero tensor loses nothing
     n = magnitudes_sorted.numel()
     errors = []
     for sparsity in sparsities:
-        dropped = magnitudes_sorted[: round(sparsity * n)].to(torch.float64).square().sum()
+        dropped = magnitudes_sorted[: round(sparsity * n)].to(ACCUMULATE_DTYPE).square().sum()
         errors.append(math.sqrt((dropped / total).item()))
     return errors
 
@@ -145,11 +120,11 @@ def best_k_relative_error(weight: Tensor, sparsity: float) -> float:
         >>> best_k_relative_error(w, 0.75)  # drops 0, 0 and 3: sqrt(9 / 25)
         0.6
     """
-    weight = _check_weight(weight)
-    level = _check_sparsity(sparsity)
-    if not _is_finite(weight):
+    weight = check_weight(weight)
+    level = check_fraction(sparsity, "sparsity", upper_open=True)
+    if not all_finite(weight):
         return math.nan
-    return _best_k_errors(_sort_ascending(weight.abs().flatten()), [level])[0]
+    return _best_k_errors(sort_ascending(weight.abs().flatten()), [level])[0]
 
 
 def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
@@ -174,16 +149,16 @@ def fraction_prunable(weight: Tensor, epsilon: float = 0.1) -> float:
         >>> fraction_prunable(w, 0.2)  # budget 3.8: both units of squared norm 1
         0.5
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     eps = validate_epsilon(epsilon)
-    if not _is_finite(weight):
+    if not all_finite(weight):
         return math.nan
     prunable, units = prunable_units(weight, eps)
     return prunable / units
 
 
 def _nonzero_entries(weight: Tensor) -> Tensor:
-    flat = weight.flatten().to(torch.float64)
+    flat = weight.flatten().to(ACCUMULATE_DTYPE)
     return flat[flat != 0]
 
 
@@ -213,9 +188,9 @@ def mohammadi_alpha(weight: Tensor, m: int | None = None) -> float:
         >>> abs(mohammadi_alpha(torch.distributions.Cauchy(0.0, 1.0).sample((100_000,))) - 1.0) < 0.1
         True
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     check_int(m, "m", minimum=2, allow_none=True)
-    if not _is_finite(weight):
+    if not all_finite(weight):
         return math.nan
     x = _nonzero_entries(weight)
     n = x.numel()
@@ -260,9 +235,9 @@ def hill_alpha(weight: Tensor, k: int | None = None) -> float:
         >>> round(hill_alpha(pareto), 1)
         1.5
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     check_int(k, "k", minimum=1, allow_none=True)
-    if not _is_finite(weight):
+    if not all_finite(weight):
         return math.nan
     x = _nonzero_entries(weight).abs()
     n = x.numel()
@@ -285,8 +260,8 @@ def unit_means(weight: Tensor) -> Tensor:
         >>> unit_means(torch.tensor([[1.0, 3.0], [-2.0, 0.0]])).tolist()
         [2.0, -1.0]
     """
-    weight = _check_weight(weight)
-    return weight.reshape(weight.shape[0], -1).to(torch.float64).mean(dim=1)
+    weight = check_weight(weight)
+    return weight.reshape(weight.shape[0], -1).to(ACCUMULATE_DTYPE).mean(dim=1)
 
 
 def _report_keys(levels: Sequence[float]) -> list[str]:
@@ -356,14 +331,14 @@ def compressibility_report(
     prunable_total = units_total = 0
     alphas: dict[str, list[float]] = {key: [] for key in _TAIL_KEYS}
     with torch.no_grad():
-        finite = all(_is_finite(p) for _, p in selected)
+        finite = all(all_finite(p) for _, p in selected)
         for name, param in selected:
             weight = param.detach()
             if finite:
                 prunable, units = prunable_units(weight, eps)
                 report[f"fraction_prunable/{name}"] = prunable / units
                 prunable_total, units_total = prunable_total + prunable, units_total + units
-                errors = _best_k_errors(_sort_ascending(weight.abs().flatten()), levels)
+                errors = _best_k_errors(sort_ascending(weight.abs().flatten()), levels)
             else:
                 report[f"fraction_prunable/{name}"] = fraction_prunable(weight, eps)
                 errors = [best_k_relative_error(weight, level) for level in levels]
@@ -381,8 +356,8 @@ def compressibility_report(
                 alphas[label].append(value)
         report["fraction_prunable/total"] = prunable_total / units_total if finite else math.nan
         if finite:
-            dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in selected) else torch.float32
-            pooled = _sort_ascending(torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]))
+            dtype = compute_dtype(*(p.dtype for _, p in selected))
+            pooled = sort_ascending(torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]))
             pooled_errors = _best_k_errors(pooled, levels)
             del pooled
         else:

@@ -34,9 +34,10 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_noise_scale, check_positive_finite
 from lightning_heavytail._noise_draws import NoiseTarget, name_key, noise_key, standard_noise
 from lightning_heavytail._noise_plan import NoisePlan, NoiseStats, NonFiniteParameterError
+from lightning_heavytail._tensors import compute_dtype
 from lightning_heavytail.sharding import LocalBlock
 
 __all__ = [
@@ -58,10 +59,6 @@ NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 NOISE_STRUCTURES: tuple[str, ...] = get_args(NoiseStructure)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
-
-# Draws are bounded by ~1e20 for alpha >= 0.5 (see stable.py), so below this scale a finite float32/bfloat16/float64
-# parameter cannot overflow when noise is added (below alpha 0.5, and for fp16, the sum is checked: NoisePlan).
-_MAX_SCALE = 1e15
 
 
 def noise_scale(sigma: float, lr: float, alpha: float, *, lr_scaling: bool = True) -> float:
@@ -136,9 +133,8 @@ def draw_noise(
     dev = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (2,), generator=generator, dtype=torch.int64,
                           device=generator.device if generator is not None else dev).tolist()
-    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     noise, _ = standard_noise(LocalBlock.whole(torch.Size(shape)), float(alpha), structure, (words[0], words[1]),
-                              dev, compute_dtype)
+                              dev, compute_dtype(dtype))
     finfo = torch.finfo(dtype)
     return (noise * scale).clamp_(finfo.min, finfo.max).to(dtype)
 
@@ -196,27 +192,14 @@ def add_heavy_tailed_noise(
                                          step=step, on_nonfinite=on_nonfinite, track_max=track_max)
 
 
-def check_noise_scale(scale: float, argument: str = "scale") -> None:
-    """Check that a noise scale is finite, >= 0 and at most the bound below which float32 parameters cannot overflow.
-
-    Raises:
-        ValueError: naming ``argument``, the allowed range and the value.
-    """
-    check_positive_finite(scale, argument, allow_zero=True)
-    if scale > _MAX_SCALE:
-        raise ValueError(
-            f"`{argument}` must be at most {_MAX_SCALE:g} (heavier noise overflows float32), got {scale!r}"
-        )
-
-
 @torch.no_grad()
 def add_heavy_tailed_noise_groups(
     groups: Sequence[tuple[Sequence[tuple[str, Tensor] | NoiseTarget], float]],
     alpha: float,
     *,
-    structure: NoiseStructure = "iid",
     seed: int = 0,
     step: int = 0,
+    structure: NoiseStructure = "iid",
     on_nonfinite: NonFinitePolicy = "raise",
     track_max: bool = False,
 ) -> NoiseStats:
@@ -229,9 +212,9 @@ def add_heavy_tailed_noise_groups(
     Args:
         groups: ``(named_params, scale)`` pairs; ``named_params`` as in ``add_heavy_tailed_noise``.
         alpha: stability index in (0, 2].
-        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         seed: base seed.
         step: the step counter.
+        structure: ``"iid"``, ``"neuron"`` or ``"elliptical"``.
         on_nonfinite: ``"raise"``, ``"skip"`` or ``"ignore"``, as in ``add_heavy_tailed_noise``.
         track_max: also return the largest |noise| added.
 

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_heavytail._checks import check_exclude, check_selector
+
 ParamSelector = str | Sequence[str] | Callable[[str, Tensor], bool]
 """What a ``params`` argument accepts: a preset name, glob pattern(s), or a predicate."""
 
-PRESETS = ("weights", "paper")
+SelectorPreset = Literal["weights", "paper"]
+PRESETS: tuple[str, ...] = get_args(SelectorPreset)
 
 
 class UninitializedParameterError(ValueError):
@@ -77,16 +81,7 @@ def validate_selector(params: object, argument: str = "params") -> None:
         ...
         TypeError: `params` must be 'weights', 'paper', a glob pattern, a sequence of patterns or a callable ...
     """
-    if callable(params):
-        return
-    patterns = [params] if isinstance(params, str) else params
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(
-            f"`{argument}` must be {', '.join(repr(p) for p in PRESETS)}, a glob pattern, a sequence of patterns"
-            f" or a callable (name, param) -> bool, got {type(params).__name__}: {params!r}"
-        )
-    if len(patterns) == 0 or any(p == "" for p in patterns):
-        raise ValueError(f"`{argument}` must name at least one non-empty pattern, got {params!r}")
+    check_selector(params, argument, PRESETS)
 
 
 def validate_exclude(exclude: object, argument: str = "exclude") -> tuple[str, ...]:
@@ -97,7 +92,7 @@ def validate_exclude(exclude: object, argument: str = "exclude") -> tuple[str, .
         argument: the argument name used in error messages.
 
     Raises:
-        ValueError: if ``exclude`` is neither a string nor a sequence of strings.
+        TypeError: if ``exclude`` is neither a string nor a sequence of strings.
 
     Examples:
         >>> validate_exclude("out.*")
@@ -105,11 +100,7 @@ def validate_exclude(exclude: object, argument: str = "exclude") -> tuple[str, .
         >>> validate_exclude(["out.*", "*.bias"])
         ('out.*', '*.bias')
     """
-    # A bare string would otherwise be iterated character by character.
-    patterns = (exclude,) if isinstance(exclude, str) else exclude
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"`{argument}` must be a glob pattern or a sequence of patterns, got {exclude!r}")
-    return tuple(patterns)
+    return check_exclude(exclude, argument)
 
 
 def _weight_names(named: dict[str, nn.Parameter]) -> list[str]:

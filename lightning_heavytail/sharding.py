@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_heavytail._compat import split_indices
 
 __all__ = ["LocalBlock", "is_sharded", "local_part"]
 
@@ -103,21 +104,6 @@ def _compact(values: Sequence[int]) -> DimIndices:
     return range(0) if len(values) == 0 else tuple(int(v) for v in values)
 
 
-def _along_dim_zero(placement: object) -> Any:
-    """The same placement acting on dim 0 (to split a 1-D index list), or a ValueError for one we cannot map."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    if isinstance(placement, _StridedShard):  # FSDP2 over tensor parallelism
-        return _StridedShard(0, split_factor=placement.split_factor)
-    if isinstance(placement, Shard):
-        return Shard(0)
-    raise ValueError(
-        f"a DTensor placement {placement!r} (neither Shard nor Replicate, e.g. a pending reduction) is not supported:"
-        " its local entries are not a part of the whole tensor"
-    )
-
-
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel): its data is spread over ranks."""
     from torch.distributed.tensor import DTensor
@@ -148,9 +134,8 @@ def local_part(tensor: Tensor) -> tuple[Tensor, LocalBlock]:
     for mesh_dim, placement in enumerate(placements):
         if placement.is_replicate():
             continue
-        along_zero = _along_dim_zero(placement)
         # The placement's own split rule, applied to the index list of its dimension.
-        chunks, _ = along_zero._split_tensor(running[placement.dim], mesh.size(mesh_dim), with_padding=False)
+        chunks = split_indices(placement, running[placement.dim], mesh.size(mesh_dim))
         running[placement.dim] = chunks[coordinate[mesh_dim]]
     block = LocalBlock(global_shape, tuple(_compact(index.tolist()) for index in running))
     if block.local_shape != local.shape:

@@ -43,8 +43,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_heavytail._checks import check_alpha, check_positive_finite, is_integer, is_real
+from lightning_heavytail._checks import (
+    check_alpha,
+    check_draw_index,
+    check_positive_finite,
+    check_positive_stable_alpha,
+    check_shape,
+    check_stream_key,
+    is_integer,
+)
 from lightning_heavytail._counters import COMPILE_MIN_DRAWS, SamplerPath, as_int64, choose_path, run
+from lightning_heavytail._tensors import compute_dtype
 
 __all__ = [
     "COMPILE_MIN_DRAWS",
@@ -156,35 +165,25 @@ def derive_key(seed: int, *keys: int | str) -> StreamKey:
 
 
 def _key_tensors(key: StreamKey | tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    if isinstance(key[0], Tensor) and isinstance(key[1], Tensor):
-        return key[0].to(device), key[1].to(device)
-    if len(key) != 2 or not all(isinstance(word, int) and -(2**63) <= word < 2**63 for word in key):
-        raise ValueError(f"`key` must be two signed 64-bit ints (see derive_key), got {key!r}")
-    return (torch.tensor(key[0], dtype=torch.int64, device=device),
-            torch.tensor(key[1], dtype=torch.int64, device=device))
-
-
-def _counter_dtype(dtype: torch.dtype) -> torch.dtype:
-    if not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"`dtype` must be a real floating point dtype, got {dtype}")
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    if isinstance(key, (tuple, list)) and len(key) == 2:
+        first, second = key
+        if isinstance(first, Tensor) and isinstance(second, Tensor):
+            return first.to(device), second.to(device)
+    words = check_stream_key(key)
+    return (torch.tensor(words[0], dtype=torch.int64, device=device),
+            torch.tensor(words[1], dtype=torch.int64, device=device))
 
 
 def _at(kind: str, alpha: float, key: StreamKey | tuple[Tensor, Tensor], index: Tensor | range,
         device: torch.device | str | None, dtype: torch.dtype, path: SamplerPath | None) -> Tensor:
-    compute_dtype = _counter_dtype(dtype)
+    arithmetic = compute_dtype(dtype)
+    check_draw_index(index)
     if isinstance(index, Tensor):
-        if index.dtype != torch.int64:
-            raise TypeError(f"`index` must be an int64 tensor or a range, got a {index.dtype} tensor")
         dev = index.device
-    elif isinstance(index, range):
-        if index.step != 1 or index.start < 0:
-            raise ValueError(f"`index` must be a range with step 1 and a start >= 0, got {index!r}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
     else:
-        raise TypeError(f"`index` must be an int64 tensor or a range, got {type(index).__name__}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
     chosen = path if path is not None else choose_path(index.numel() if isinstance(index, Tensor) else len(index), dev)
-    draws, _ = run(kind, _key_tensors(key, dev), index, float(alpha), compute_dtype, chosen)
+    draws, _ = run(kind, _key_tensors(key, dev), index, float(alpha), arithmetic, chosen)
     return _cast(draws, dtype)
 
 
@@ -228,7 +227,7 @@ def positive_stable_at(alpha: float, key: StreamKey | tuple[Tensor, Tensor], ind
         >>> bool((positive_stable_at(0.8, derive_key(1), range(5)) > 0).all())
         True
     """
-    _check_positive_alpha(alpha, allow_one=False)
+    check_positive_stable_alpha(alpha, allow_one=False)
     return _at("positive_stable", alpha, key, index, device, dtype, path)
 
 
@@ -244,19 +243,12 @@ def normal_at(key: StreamKey | tuple[Tensor, Tensor], index: Tensor | range, *,
     return _at("normal", 2.0, key, index, device, dtype, path)
 
 
-def _check_shape(shape: object) -> torch.Size:
-    dims = [shape] if is_integer(shape) else shape
-    if isinstance(dims, Sequence) and all(is_integer(d) and int(d) >= 0 for d in dims):
-        return torch.Size([int(d) for d in dims])
-    raise ValueError(f"`shape` must be an int >= 0 or a sequence of ints >= 0, got {shape!r}")
-
-
 def _resolve(shape: _ShapeLike, device: torch.device | str | None, dtype: torch.dtype,
              generator: torch.Generator | None) -> tuple[torch.Size, torch.device, torch.dtype]:
-    size = _check_shape(shape)
+    size = check_shape(shape)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    return size, torch.device(device), _counter_dtype(dtype)
+    return size, torch.device(device), compute_dtype(dtype)
 
 
 def _key_from_generator(generator: torch.Generator | None, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -330,13 +322,6 @@ def sample_stable(
     return _scaled(x, float(scale), dtype).reshape(size)
 
 
-def _check_positive_alpha(alpha: object, *, allow_one: bool = True) -> None:
-    ok = is_real(alpha) and 0.0 < float(alpha) <= 1.0  # type: ignore[arg-type]
-    if not ok or (not allow_one and float(alpha) == 1.0):  # type: ignore[arg-type]
-        bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"`alpha` of a positive stable law must be in {bound}, got {alpha!r}")
-
-
 def sample_positive_stable(
     alpha: float,
     shape: _ShapeLike,
@@ -374,7 +359,7 @@ def sample_positive_stable(
         >>> round(torch.exp(-a.double()).mean().item(), 2)  # Laplace transform at s = 1: exp(-1)
         0.37
     """
-    _check_positive_alpha(alpha)
+    check_positive_stable_alpha(alpha)
     size, dev, compute_dtype = _resolve(shape, device, dtype, generator)
     if alpha == 1.0:
         return torch.ones(size, device=dev, dtype=dtype)

@@ -179,27 +179,32 @@ def test_ratios_per_layer_match_by_hand_and_reproduce_an_epsilon_point() -> None
     assert evaluate_at_ratios(other, data, point.ratios) == {"accuracy": pytest.approx(accuracy_by_hand(clone, data))}
 
 
-@pytest.mark.parametrize(("call", "match"), [
-    (lambda net, data: evaluate_at_epsilon(net, data, epsilon=1.5), r"`epsilon` must be a number in \[0, 1\].*1.5"),
-    (lambda net, data: evaluate_at_epsilon(net, data, epsilon=True), "`epsilon`.*True"),
-    (lambda net, data: evaluate_at_epsilon(net, data, epsilon="0.1"), "`epsilon`.*'0.1'"),
-    (lambda net, data: evaluate_at_epsilon("net", data), "`model` must be a torch.nn.Module"),
-    (lambda net, data: evaluate_at_epsilon(net, 3), "`dataloader` must be an iterable"),
-    (lambda net, data: evaluate_at_epsilon(net, []), "`dataloader` yielded no batch"),
-    (lambda net, data: evaluate_at_epsilon(net, data, metrics="acc"), "`metrics` must be None"),
-    (lambda net, data: evaluate_at_epsilon(net, data, params="*.nothing"), "`params`.*selects no trainable"),
-    (lambda net, data: evaluate_at_epsilon(net, data, exclude=[3]), "`exclude`"),
-    (lambda net, data: evaluate_at_epsilon(net, data, device="gpu7"), "`device`"),
-    (lambda net, data: evaluate_at_ratios(net, data, {}), "`ratios` must be a non-empty mapping"),
-    (lambda net, data: evaluate_at_ratios(net, data, [("0.weight", 0.5)]), "`ratios` must be a non-empty mapping"),
-    (lambda net, data: evaluate_at_ratios(net, data, {"hidden.weight": 0.5}), r"'hidden.weight'.*'0.weight'"),
-    (lambda net, data: evaluate_at_ratios(net, data, {"0.weight": 1.2}), r"`ratios\['0.weight'\]`.*1.2"),
-    (lambda net, data: evaluate_at_ratios(net, data, {"0.weight": 0.5}, metrics=1), "`metrics` must be None"),
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda net, data: evaluate_at_epsilon(net, data, epsilon=1.5), ValueError,
+     r"`epsilon` must be a number in \[0, 1\].*1.5"),
+    (lambda net, data: evaluate_at_epsilon(net, data, epsilon=True), TypeError, "`epsilon`.*True"),
+    (lambda net, data: evaluate_at_epsilon(net, data, epsilon="0.1"), TypeError, "`epsilon`.*'0.1'"),
+    (lambda net, data: evaluate_at_epsilon("net", data), TypeError, "`model` must be a torch.nn.Module"),
+    (lambda net, data: evaluate_at_epsilon(net, 3), TypeError, "`dataloader` must be an iterable"),
+    (lambda net, data: evaluate_at_epsilon(net, []), ValueError, "`dataloader` yielded no batch"),
+    (lambda net, data: evaluate_at_epsilon(net, data, metrics="acc"), TypeError, "`metrics` must be None"),
+    (lambda net, data: evaluate_at_epsilon(net, data, params="*.nothing"), ValueError,
+     "`params`.*selects no trainable"),
+    (lambda net, data: evaluate_at_epsilon(net, data, exclude=[3]), TypeError, "`exclude`"),
+    (lambda net, data: evaluate_at_epsilon(net, data, device="gpu7"), ValueError, "`device`"),
+    (lambda net, data: evaluate_at_ratios(net, data, {}), ValueError, "`ratios` must be a non-empty mapping"),
+    (lambda net, data: evaluate_at_ratios(net, data, [("0.weight", 0.5)]), TypeError,
+     "`ratios` must be a non-empty mapping"),
+    (lambda net, data: evaluate_at_ratios(net, data, {"hidden.weight": 0.5}), ValueError,
+     r"'hidden.weight'.*'0.weight'"),
+    (lambda net, data: evaluate_at_ratios(net, data, {"0.weight": 1.2}), ValueError, r"`ratios\['0.weight'\]`.*1.2"),
+    (lambda net, data: evaluate_at_ratios(net, data, {"0.weight": 0.5}, metrics=1), TypeError,
+     "`metrics` must be None"),
 ])
-def test_bad_arguments_name_the_argument(call: Any, match: str) -> None:
+def test_bad_arguments_name_the_argument(call: Any, error: type[Exception], match: str) -> None:
     net = deep_mlp()
     before = snapshot(net)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         call(net, batches())
     assert_unchanged(net, before)
 

@@ -80,7 +80,7 @@ def test_bad_selectors_fail_without_a_model(params: object, error: type[Exceptio
 
 @pytest.mark.parametrize("exclude", [3, ["a", None], torch.zeros(2)])
 def test_bad_exclude_names_the_argument(exclude: object) -> None:
-    with pytest.raises(ValueError, match="`exclude` must be a glob pattern or a sequence of patterns"):
+    with pytest.raises(TypeError, match="`exclude` must be a glob pattern or a sequence of patterns"):
         validate_exclude(exclude)
 
 

@@ -345,15 +345,21 @@ def test_derive_seed_does_not_depend_on_the_process() -> None:
 # ------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("alpha", [0.0, -1.0, 2.0001, 3, float("nan"), float("inf"), True, "1.5", None])
-def test_bad_alpha_names_the_argument(alpha: object) -> None:
-    with pytest.raises(ValueError, match=r"`alpha`.*\(0, 2\].*got"):
+@pytest.mark.parametrize(("alpha", "error"), [
+    *((alpha, ValueError) for alpha in (0.0, -1.0, 2.0001, 3, float("nan"), float("inf"))),
+    *((alpha, TypeError) for alpha in (True, "1.5", None)),
+])
+def test_bad_alpha_names_the_argument(alpha: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"`alpha`.*\(0, 2\].*got"):
         sample_stable(alpha, 3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "1", None])
-def test_bad_scale_names_the_argument(scale: object) -> None:
-    with pytest.raises(ValueError, match=r"`scale`.*got"):
+@pytest.mark.parametrize(("scale", "error"), [
+    *((scale, ValueError) for scale in (0.0, -1.0, float("nan"), float("inf"))),
+    *((scale, TypeError) for scale in ("1", None)),
+])
+def test_bad_scale_names_the_argument(scale: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"`scale`.*got"):
         sample_stable(1.5, 3, scale=scale)  # type: ignore[arg-type]
 
 
@@ -378,11 +384,13 @@ def test_a_scale_that_overflows_float32_is_clipped_to_the_finite_range() -> None
     assert float(x.abs().max()) == torch.finfo(torch.float32).max  # the clip is exercised
 
 
-@pytest.mark.parametrize("shape", [-1, (2, -3), (2.5,), "3", (True, 2)])
-def test_bad_shape_names_the_argument(shape: object) -> None:
-    with pytest.raises(ValueError, match=r"`shape` must be an int >= 0 or a sequence of ints >= 0, got"):
+@pytest.mark.parametrize(("shape", "error"), [
+    (-1, ValueError), ((2, -3), ValueError), ((2.5,), TypeError), ("3", TypeError), ((True, 2), TypeError),
+])
+def test_bad_shape_names_the_argument(shape: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"`shape` must be an int >= 0 or a sequence of ints >= 0, got"):
         sample_stable(1.5, shape)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`shape`"):
+    with pytest.raises(error, match=r"`shape`"):
         sample_positive_stable(0.5, shape)  # type: ignore[arg-type]
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
+
+from lightning_heavytail._checks import check_strategy
 
 # The settings a checkpoint records; a resume that changes one of them is told so (the step count continues).
 SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "seed", "start_step", "stop_step")
@@ -28,20 +31,40 @@ def check_strategy_supported(strategy: object, sync: str = "seed") -> None:
     Raises:
         ValueError: naming the strategy and what works instead.
     """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    for refused in ("FSDPStrategy", "DeepSpeedStrategy"):
-        if refused in names:
-            raise ValueError(
-                f"HeavyTailNoiseCallback does not support {type(strategy).__name__}: it shards parameters in a layout"
-                " whose entries cannot be mapped to the whole tensor's noise. For sharded training use"
-                " ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model (FSDP2):"
-                " every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'."
-            )
-    if "ModelParallelStrategy" in names and sync == "broadcast":
+    check_strategy(
+        strategy, "HeavyTailNoiseCallback", supported=("ModelParallelStrategy",),
+        why="it shards parameters in a layout whose entries cannot be mapped to the whole tensor's noise",
+        instead="For sharded training use ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in"
+        " configure_model (FSDP2): every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'.",
+    )
+    if "ModelParallelStrategy" in {cls.__name__ for cls in type(strategy).__mro__} and sync == "broadcast":
         raise ValueError(
             "HeavyTailNoiseCallback: sync='broadcast' needs every rank to hold whole parameters, and"
             f" {type(strategy).__name__} shards them; use sync='seed' (each shard draws its part of the same noise)"
         )
+
+
+def hparams_of(settings: Mapping[str, Any], resolved_seed: int | None) -> dict[str, Any]:
+    """The noise settings (see ``SETTINGS``) as hyperparameters, ``heavytail/alpha``, ...; -1 stands for None."""
+    return {
+        "heavytail/alpha": settings["alpha"],
+        "heavytail/sigma": settings["sigma"],
+        "heavytail/structure": settings["structure"],
+        "heavytail/lr_scaling": settings["lr_scaling"],
+        "heavytail/params": str(settings["params"]).strip("'"),
+        "heavytail/exclude": ",".join(settings["exclude"]),
+        "heavytail/seed": resolved_seed if resolved_seed is not None else -1,
+        "heavytail/start_step": settings["start_step"],
+        "heavytail/stop_step": settings["stop_step"] if settings["stop_step"] is not None else -1,
+    }
+
+
+def log_hyperparams(loggers: Sequence[Logger], hparams: Mapping[str, Any]) -> None:
+    """Log ``hparams`` to every logger, merged with what it already logged (the module's own hyperparameters)."""
+    for logger in loggers:
+        logged = getattr(logger, "hparams", None)
+        earlier = dict(logged) if isinstance(logged, Mapping) else {}
+        logger.log_hyperparams({**earlier, **hparams})
 
 
 def step_calls_on_stack(optimizer: torch.optim.Optimizer) -> int:
@@ -108,6 +131,21 @@ def _settings_from_key(key: str, name: str) -> dict[str, Any]:
         return {}
     settings["exclude"] = list(settings.get("exclude", ()))
     return settings
+
+
+def kernel_change_warning(recorded: Mapping[str, str], paths: Mapping[str, str]) -> str | None:
+    """What to tell when a parameter's noise now comes from another sampler kernel than in the run resumed from."""
+    changed = {name: (recorded[name], path) for name, path in paths.items()
+               if name in recorded and recorded[name] != path}
+    if not changed:
+        return None
+    return (
+        "HeavyTailNoiseCallback: after resuming, the noise of "
+        + ", ".join(f"{name!r} comes from the {new} sampler kernel (the checkpoint's run used {old})"
+                    for name, (old, new) in changed.items())
+        + ". Both draw the same law but round differently (about 1e-7 relative), so the run is no longer"
+        " bitwise the uninterrupted one. See docs/sampler.md (LIGHTNING_HEAVYTAIL_COMPILE)."
+    )
 
 
 def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:

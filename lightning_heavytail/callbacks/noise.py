@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -15,11 +15,15 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_positive_finite
+from lightning_heavytail._checks import check_alpha, check_bool, check_choice, check_int, check_positive_finite
 from lightning_heavytail.callbacks._noise_support import (
+    SETTINGS,
     broadcast_from_rank_zero,
     changed_settings,
     check_strategy_supported,
+    hparams_of,
+    kernel_change_warning,
+    log_hyperparams,
     state_under_another_key,
     step_calls_on_stack,
 )
@@ -117,10 +121,8 @@ class HeavyTailNoiseCallback(Callback):
     ) -> None:
         check_alpha(alpha)
         check_positive_finite(sigma, "sigma", allow_zero=True)
-        if not isinstance(lr_scaling, bool):
-            raise ValueError(f"`lr_scaling` must be True or False, got {lr_scaling!r}")
-        if not isinstance(log_stats, bool):
-            raise ValueError(f"`log_stats` must be True or False, got {log_stats!r}")
+        check_bool(lr_scaling, "lr_scaling")
+        check_bool(log_stats, "log_stats")
         check_choice(structure, NOISE_STRUCTURES, "structure")
         validate_selector(params, "params")
         exclude = validate_exclude(exclude)
@@ -231,10 +233,7 @@ class HeavyTailNoiseCallback(Callback):
 
     def _log_hyperparams(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logged = getattr(logger, "hparams", None)
-                earlier = dict(logged) if isinstance(logged, Mapping) else {}
-                logger.log_hyperparams({**earlier, **self.hparams()})
+            log_hyperparams(trainer.loggers, self.hparams())
 
     def hparams(self) -> dict[str, Any]:
         """The noise settings as hyperparameters (``heavytail/alpha``, ...): what tells runs apart in TensorBoard.
@@ -243,17 +242,7 @@ class HeavyTailNoiseCallback(Callback):
             >>> HeavyTailNoiseCallback(alpha=1.75, sigma=0.1, seed=3).hparams()["heavytail/sigma"]
             0.1
         """
-        return {
-            "heavytail/alpha": self.alpha,
-            "heavytail/sigma": self.sigma,
-            "heavytail/structure": self.structure,
-            "heavytail/lr_scaling": self.lr_scaling,
-            "heavytail/params": self._params_key().strip("'"),
-            "heavytail/exclude": ",".join(self.exclude),
-            "heavytail/seed": self._resolved_seed if self._resolved_seed is not None else -1,
-            "heavytail/start_step": self.start_step,
-            "heavytail/stop_step": self.stop_step if self.stop_step is not None else -1,
-        }
+        return hparams_of(self._settings(), self._resolved_seed)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -313,11 +302,9 @@ class HeavyTailNoiseCallback(Callback):
     # ------------------------------------------------------------------ private
 
     def _settings(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha, "sigma": self.sigma, "lr_scaling": self.lr_scaling, "structure": self.structure,
-            "params": self._params_key(), "exclude": list(self.exclude), "seed": self.seed,
-            "start_step": self.start_step, "stop_step": self.stop_step,
-        }
+        """The settings a checkpoint records (``SETTINGS``); ``params`` by its key, ``exclude`` as a list."""
+        return {**{key: getattr(self, key) for key in SETTINGS}, "params": self._params_key(),
+                "exclude": list(self.exclude)}
 
     def _candidate_params(self) -> list[tuple[str, Tensor]]:
         if self._candidates is None or self._module is None:
@@ -424,16 +411,9 @@ class HeavyTailNoiseCallback(Callback):
 
     def _note_paths(self, paths: dict[str, str]) -> None:
         """Warn once if a resumed run draws a parameter's noise with another kernel than the checkpoint's run."""
-        changed = {name: (self._recorded_paths[name], path) for name, path in paths.items()
-                   if name in self._recorded_paths and self._recorded_paths[name] != path}
-        if changed:
-            rank_zero_warn(
-                "HeavyTailNoiseCallback: after resuming, the noise of "
-                + ", ".join(f"{name!r} comes from the {new} sampler kernel (the checkpoint's run used {old})"
-                            for name, (old, new) in changed.items())
-                + ". Both draw the same law but round differently (about 1e-7 relative), so the run is no longer"
-                " bitwise the uninterrupted one. See docs/sampler.md (LIGHTNING_HEAVYTAIL_COMPILE)."
-            )
+        warning = kernel_change_warning(self._recorded_paths, paths)
+        if warning:
+            rank_zero_warn(warning)
         self._recorded_paths = {}
         self._paths.update(paths)
 

@@ -242,24 +242,25 @@ def test_selection_that_matches_nothing_fails_at_setup_with_the_available_names(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        (dict(alpha=0.0), r"`alpha` must be a number in \(0, 2\], got 0.0"),
-        (dict(alpha=2.1), "alpha"),
-        (dict(sigma=-0.1), r"`sigma` must be a finite number >= 0, got -0.1"),
-        (dict(sigma=float("inf")), "sigma"),
-        (dict(structure="rows"), r"`structure` must be one of \['elliptical', 'iid', 'neuron'\], got 'rows'"),
-        (dict(start_step=5, stop_step=5), "stop_step"),
-        (dict(start_step=-1), "start_step"),
-        (dict(seed=1.5), "seed"),
-        (dict(sync="allreduce"), "sync"),
-        (dict(on_nonfinite="warn"), "on_nonfinite"),
-        (dict(exclude=["out.*", 3]), "exclude"),
-        (dict(lr_scaling="yes"), "lr_scaling"),
+        (dict(alpha=0.0), ValueError, r"`alpha` must be a number in \(0, 2\], got 0.0"),
+        (dict(alpha=2.1), ValueError, "alpha"),
+        (dict(sigma=-0.1), ValueError, r"`sigma` must be a finite number >= 0, got -0.1"),
+        (dict(sigma=float("inf")), ValueError, "sigma"),
+        (dict(structure="rows"), ValueError,
+         r"`structure` must be one of \['elliptical', 'iid', 'neuron'\], got 'rows'"),
+        (dict(start_step=5, stop_step=5), ValueError, "stop_step"),
+        (dict(start_step=-1), ValueError, "start_step"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(sync="allreduce"), ValueError, "sync"),
+        (dict(on_nonfinite="warn"), ValueError, "on_nonfinite"),
+        (dict(exclude=["out.*", 3]), TypeError, "exclude"),
+        (dict(lr_scaling="yes"), TypeError, "lr_scaling"),
     ],
 )
-def test_bad_arguments_fail_at_construction_naming_the_argument(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_fail_at_construction_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
         HeavyTailNoiseCallback(**kwargs)
 
 
@@ -386,7 +387,7 @@ def test_state_key_of_a_callable_selection_is_the_same_in_every_process():
 
 
 def test_log_stats_must_be_a_bool():
-    with pytest.raises(ValueError, match="`log_stats` must be True or False, got 'no'"):
+    with pytest.raises(TypeError, match="`log_stats` must be True or False, got 'no'"):
         HeavyTailNoiseCallback(log_stats="no")
 
 

@@ -16,12 +16,11 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback, _shard, _ShardedBatches
+from lightning_heavytail.callbacks.prune_eval import PruneEvalCallback
 from lightning_heavytail.pruning import evaluate_at_epsilon, evaluate_pruning_curve
 from tests.test_pruning_epsilon import rows_to_prune
 
@@ -213,12 +212,12 @@ class TrainOnlyDataModule(LightningDataModule):
         ({"method": "random"}, ValueError, "method"),
         ({"method": ("global", "magic")}, ValueError, "method"),
         ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1, got 0"),
-        ({"every_n_epochs": 1.5}, ValueError, "every_n_epochs"),
+        ({"every_n_epochs": 1.5}, TypeError, "every_n_epochs"),
         ({"metrics": "accuracy"}, TypeError, r"`metrics` must be None, a torchmetrics Metric .* got str"),
         ({"dataloader": 3}, TypeError, "`dataloader` must be None or an iterable"),
         ({"dataloader": iter([1, 2])}, ValueError, "`dataloader` must be re-iterable"),
         ({"params": 3}, TypeError, "`params`"),
-        ({"exclude": 3}, ValueError, "`exclude` must be a glob pattern or a sequence of patterns, got 3"),
+        ({"exclude": 3}, TypeError, "`exclude` must be a glob pattern or a sequence of patterns, got 3"),
         ({"forward_fn": 3}, TypeError, "`forward_fn` must be None or a callable"),
         ({"epsilon": -0.1}, ValueError, r"`epsilon` must be a number in \[0, 1\] \(a share of .*\), got -0.1"),
         ({"epsilon": 1.5}, ValueError, "`epsilon`"),
@@ -653,63 +652,6 @@ def test_resume_from_checkpoint_continues_the_history(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- distributed: real 2-process DDP
 
 
-class Stream(IterableDataset):
-    def __iter__(self) -> Iterator[Tensor]:
-        return iter(torch.arange(11.0).split(1))
-
-
-def sample_ids(batches: Any) -> list[float]:
-    return [float(v) for batch in batches for v in (batch[0] if isinstance(batch, list) else batch).flatten()]
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: DataLoader(torch.arange(11.0), batch_size=2),  # rebuilt around a sharded batch sampler
-        lambda: DataLoader(torch.arange(11.0), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)),
-        lambda: DataLoader(Stream(), batch_size=2),  # iterable dataset: read in full, every 2nd batch kept
-        lambda: [torch.arange(11.0)[i : i + 2] for i in range(0, 11, 2)],  # plain list of batches
-    ],
-)
-def test_shards_cover_every_batch_exactly_once(make: Any) -> None:
-    whole = sample_ids(make())
-    shards = [sample_ids(_shard(make(), rank, 2)) for rank in range(2)]
-    assert sorted(shards[0] + shards[1]) == sorted(whole) == [float(i) for i in range(11)]
-    assert len(shards[0]) == 6 and len(shards[1]) == 5  # batches 0, 2, 4 (+ the last of 1) and 1, 3
-    again = [sample_ids(_shard(make(), rank, 2)) for rank in range(2)]
-    assert again == shards  # re-iterable, same split each time
-
-
-def test_a_shuffling_loader_is_sharded_in_dataset_order_whatever_each_rank_s_rng() -> None:
-    # Each rank's unseeded shuffle would come from its own global RNG: overlapping shards. The dataset order cannot.
-    torch.manual_seed(0)
-    rank0 = sample_ids(_shard(DataLoader(torch.arange(11.0), batch_size=2, shuffle=True), 0, 2))
-    torch.manual_seed(1)
-    rank1 = sample_ids(_shard(DataLoader(torch.arange(11.0), batch_size=2, shuffle=True), 1, 2))
-    assert sorted(rank0 + rank1) == [float(i) for i in range(11)]
-
-
-@pytest.mark.parametrize("sized", [True, False])
-def test_batches_are_dealt_over_all_loaders_so_every_rank_gets_one(sized: bool) -> None:
-    # two loaders of one batch each over two ranks: dealt per loader, rank 1 would get nothing and hang the sync
-    def loaders() -> list[Any]:
-        if sized:
-            return [DataLoader(torch.arange(2.0), batch_size=2), DataLoader(torch.arange(2.0, 5.0), batch_size=3)]
-        return [OneBatch(torch.arange(2.0)), OneBatch(torch.arange(2.0, 5.0))]
-
-    shards = [_ShardedBatches(loaders(), rank, 2) for rank in range(2)]
-    assert [len(sample_ids(shard)) for shard in shards] == [2, 3]
-    assert sorted(sample_ids(shards[0]) + sample_ids(shards[1])) == [0.0, 1.0, 2.0, 3.0, 4.0]
-
-
-class OneBatch:  # a re-iterable without a length, like a generator-backed stream
-    def __init__(self, batch: Tensor) -> None:
-        self.batch = batch
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return iter([self.batch])
-
-
 def test_evaluation_leaves_the_global_rng_and_so_the_training_unchanged(tmp_path: Path) -> None:
     def train(with_callback: bool) -> dict[str, Tensor]:
         torch.manual_seed(0)
@@ -721,14 +663,6 @@ def test_evaluation_leaves_the_global_rng_and_so_the_training_unchanged(tmp_path
 
     plain, evaluated = train(False), train(True)
     assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
-
-
-def test_shard_keeps_a_user_distributed_sampler() -> None:
-    data = torch.arange(10.0)
-    user = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
-    assert _shard(user, 1, 2) is user
-    single = DataLoader(data, batch_size=2)
-    assert _shard(single, 0, 1) is single
 
 
 class CountingDataModule(LightningDataModule):
@@ -1195,26 +1129,44 @@ def test_epsilon_point_follows_the_prefix_and_can_be_turned_off(tmp_path: Path) 
         PruneEvalCallback(epsilon_point=1)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("method", ["neuron", "structured"])
-def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
-    from lightning_heavytail.callbacks.prune_eval import _curves_figure, _render_curves
+def test_the_svd_method_in_the_callback_is_the_functional_curve(tmp_path: Path) -> None:
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5, 0.9), method=("svd", "neuron"), dataloader=loader(24, 0),
+                                 filename=None)
+    model = PlainMLP()
+    trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[callback])
+    trainer.fit(model, loader(32, 1))
+    reference = evaluate_pruning_curve(model, loader(24, 0), (0.0, 0.5, 0.9), method="svd")
+    assert callback.history[-1]["curves"]["svd"] == reference.to_dict()
+    assert reference.params == ["hidden.weight"] and reference.sparsities == [0.0, 0.5, 0.875]  # of 8 values
+    assert trainer.callback_metrics["pruning/svd/measured_sparsity@0.90"] == pytest.approx(0.875)
+    assert float(trainer.callback_metrics["pruning/accuracy@0.50"]) == pytest.approx(reference.metrics["accuracy"][1])
 
-    def entry(epoch: int, star: bool) -> dict[str, Any]:
-        curve = {"method": method, "requested": [0.0, 0.5], "sparsities": [0.0, 0.45],
-                 "metrics": {"accuracy": [0.9, 0.7]}, "params": ["fc1.weight"]}
-        point = {"epsilon": 0.1, "ratios": {"fc1.weight": 0.3}, "ratio": 0.3,
-                 "metrics": {"accuracy": 0.85 + epoch / 100}, "sparsity": 0.3, "removed": 0.2}
-        return {"epoch": epoch, "curves": {method: curve}, "at_epsilon": point if star else {}}
 
-    history = [entry(0, True), entry(1, True)]
-    figure = _curves_figure(history, method, "t")
-    stars = [line for line in figure.axes[0].lines if line.get_marker() == "*"]
-    x = 0.2 if method == "structured" else 0.3  # on this method's x-axis
-    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in stars] == [([x], [0.85]), ([x], [0.86])]
-    assert [line.get_color() for line in stars] == [line.get_color() for line in figure.axes[0].lines
-                                                    if line.get_marker() == "o"]  # each in its epoch's colour
-    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
-    assert labels.count("epsilon point (epsilon=0.1)") == 1
-    without = [entry(0, False), entry(1, False)]
-    assert not any(line.get_marker() == "*" for line in _curves_figure(without, method, "t").axes[0].lines)
-    assert _render_curves(history, method, "t").shape[2] == 3
+def test_sharding_strategies_are_refused_at_setup() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    # Lightning refuses FSDP on the CPU when the Trainer is built: the setup hook is given the strategy alone
+    trainers = [SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]),
+                Trainer(strategy=ModelParallelStrategy(), logger=False, enable_progress_bar=False)]
+    for trainer in trainers:
+        with pytest.raises(ValueError, match=f"PruneEvalCallback does not support {type(trainer.strategy).__name__}:"
+                                             " it shards parameters.*single-device or DDP-family"):
+            PruneEvalCallback(dataloader=loader(8, 0)).setup(trainer, PlainMLP(), "fit")  # type: ignore[arg-type]
+
+
+def test_missing_optional_packages_are_named_with_their_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_utilities.core.imports import RequirementCache
+
+    from lightning_heavytail._extras import REQUIREMENTS
+
+    monkeypatch.setitem(REQUIREMENTS, "structured", RequirementCache("torch-pruning-not-installed-here"))
+    with pytest.raises(ModuleNotFoundError, match=r"method='structured'.*'lightning-heavytail\[structured\]'"):
+        PruneEvalCallback(method=["neuron", "structured"])  # at construction
+    monkeypatch.setitem(REQUIREMENTS, "figures", RequirementCache("matplotlib-not-installed-here"))
+    callback = PruneEvalCallback(dataloader=loader(8, 0))
+    logger = TensorBoardLogger(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match=r"log_figure=True.*'lightning-heavytail\[figures\]'"):
+        callback.setup(Trainer(logger=logger, enable_progress_bar=False), PlainMLP(), "fit")  # at setup
+    PruneEvalCallback(dataloader=loader(8, 0), log_figure=False).setup(Trainer(logger=logger), PlainMLP(), "fit")

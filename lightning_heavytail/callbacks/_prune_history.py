@@ -1,0 +1,223 @@
+"""PruneEvalCallback's record of each evaluation, its history files (JSON, CSV), its logged names and its figures.
+
+An ``EvaluationRecord`` is one evaluation, typed; ``to_dict``/``from_dict`` give the JSON form that the history file
+and the checkpoint state hold (unchanged from the first version: entries of older checkpoints load with defaults).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from torch import nn
+
+from lightning_heavytail._extras import import_optional
+from lightning_heavytail.pruning import DEFAULT_METRIC_KEY, REGISTRY, EpsilonPoint, PruningCurve, tensor_view
+
+
+@dataclass
+class EpsilonRecord:
+    """The epsilon point of one evaluation and where it lies on the curves' x-axes.
+
+    Attributes:
+        point: the point (``evaluate_at_epsilon``).
+        sparsity: the fraction of the pruned tensors' entries it zeroes (the mask methods' x-axis).
+        removed: the fraction of all the model's parameters it zeroes (the ``"structured"`` x-axis).
+    """
+
+    point: EpsilonPoint
+    sparsity: float
+    removed: float
+
+    @classmethod
+    def of(cls, point: EpsilonPoint, model: nn.Module) -> EpsilonRecord:
+        """Place ``point`` of ``model``: a unit holds ``numel / units`` entries, so ratio ``r`` zeroes ``r * numel``."""
+        sizes = {name: tensor.numel() for name, tensor in tensor_view(model).named_parameters()}
+        zeroed = sum(ratio * sizes[name] for name, ratio in point.ratios.items())
+        return cls(point, zeroed / sum(sizes[name] for name in point.ratios),
+                   zeroed / sum(p.numel() for p in model.parameters()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``EpsilonPoint.to_dict()`` with ``sparsity`` and ``removed``."""
+        return {**self.point.to_dict(), "sparsity": float(self.sparsity), "removed": float(self.removed)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpsilonRecord:
+        """Read ``to_dict``'s output back."""
+        return cls(EpsilonPoint.from_dict(dict(data)), float(data["sparsity"]), float(data["removed"]))
+
+
+@dataclass
+class EvaluationRecord:
+    """One evaluation of PruneEvalCallback (the defaults are what an entry of an older checkpoint lacks).
+
+    Attributes:
+        epoch: the training epoch it followed.
+        global_step: the trainer's global step then.
+        curves: method -> its curve.
+        compressibility: the compressibility report.
+        auc: method -> area under its curve of ``auc_metric``.
+        auc_metric: the metric whose area ``auc`` holds.
+        at_epsilon: the epsilon point, None when it was not evaluated.
+    """
+
+    epoch: int = -1
+    global_step: int = -1
+    curves: dict[str, PruningCurve] = field(default_factory=dict)
+    compressibility: dict[str, float] = field(default_factory=dict)
+    auc: dict[str, float] = field(default_factory=dict)
+    auc_metric: str = DEFAULT_METRIC_KEY
+    at_epsilon: EpsilonRecord | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the history file's and the checkpoint's entry); the epsilon point ``{}`` when absent."""
+        return {
+            "epoch": int(self.epoch),
+            "global_step": int(self.global_step),
+            "curves": {method: curve.to_dict() for method, curve in self.curves.items()},
+            "compressibility": {key: float(value) for key, value in self.compressibility.items()},
+            "auc": {method: float(value) for method, value in self.auc.items()},
+            "auc_metric": self.auc_metric,
+            "at_epsilon": self.at_epsilon.to_dict() if self.at_epsilon is not None else {},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationRecord:
+        """Read a JSON-form entry back, with defaults for the fields it lacks."""
+        at_epsilon = data.get("at_epsilon") or None
+        return cls(
+            epoch=int(data.get("epoch", -1)),
+            global_step=int(data.get("global_step", -1)),
+            curves={str(m): PruningCurve.from_dict(c) for m, c in data.get("curves", {}).items()},
+            compressibility={str(k): float(v) for k, v in data.get("compressibility", {}).items()},
+            auc={str(m): float(v) for m, v in data.get("auc", {}).items()},
+            auc_metric=str(data.get("auc_metric", DEFAULT_METRIC_KEY)),
+            at_epsilon=EpsilonRecord.from_dict(at_epsilon) if at_epsilon is not None else None,
+        )
+
+    def scalars(self, prefix: str, methods: Sequence[str], level_names: Sequence[str]) -> dict[str, float]:
+        """Every logged name and value (see PruneEvalCallback), the first method also under the short names."""
+        out: dict[str, float] = {}
+
+        def put(name: str, value: float) -> None:
+            if name in out:
+                raise ValueError(f"PruneEvalCallback would log {name!r} twice; rename a metric or change `log_prefix`")
+            out[name] = float(value)
+
+        for i, method in enumerate(methods):
+            curve = self.curves[method]
+            for j, level in enumerate(level_names):
+                for metric, values in curve.metrics.items():
+                    put(f"{prefix}/{method}/{metric}@{level}", values[j])
+                    if i == 0:
+                        put(f"{prefix}/{metric}@{level}", values[j])
+                put(f"{prefix}/{method}/measured_sparsity@{level}", curve.sparsities[j])
+            put(f"{prefix}/{method}/auc", self.auc[method])
+        put(f"{prefix}/auc", self.auc[methods[0]])
+        if self.at_epsilon is not None:
+            point = self.at_epsilon.point
+            for metric, value in point.metrics.items():
+                put(f"{prefix}/at_epsilon/{metric}", value)
+            put(f"{prefix}/at_epsilon/ratio", point.ratio)
+            for name, ratio in point.ratios.items():
+                put(f"{prefix}/at_epsilon/ratio/{name}", ratio)
+        for key, value in self.compressibility.items():
+            put(f"{prefix}/{key}", value)
+        return out
+
+
+def write_history(records: Sequence[EvaluationRecord], methods: Sequence[str], directory: str, stem: str) -> None:
+    """Write ``{stem}.json`` (everything) and ``{stem}.csv``.
+
+    The CSV has one row per epoch, method and level, and one per epoch for the epsilon point (method ``at_epsilon``,
+    ``requested`` the epsilon, ``sparsity`` the fraction of the pruned entries it zeroes, ``epsilon_ratio`` the
+    fraction of units).
+    """
+    fs = get_filesystem(directory)
+    fs.makedirs(directory, exist_ok=True)
+    with fs.open(os.path.join(directory, f"{stem}.json"), "w") as f:
+        json.dump({"methods": list(methods), "history": [record.to_dict() for record in records]}, f, indent=1)
+
+    metric_names: list[str] = []
+    for record in records:
+        sources = [curve.metrics for curve in record.curves.values()]
+        for metrics in sources + ([record.at_epsilon.point.metrics] if record.at_epsilon is not None else []):
+            metric_names += [name for name in metrics if name not in metric_names]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["epoch", "global_step", "method", "requested", "sparsity", *metric_names, "epsilon_ratio"])
+    for record in records:
+        for method, curve in record.curves.items():
+            for j, (requested, measured) in enumerate(zip(curve.requested, curve.sparsities, strict=True)):
+                values = [curve.metrics[name][j] if name in curve.metrics else "" for name in metric_names]
+                writer.writerow([record.epoch, record.global_step, method, requested, measured, *values, ""])
+        if record.at_epsilon is not None:
+            point = record.at_epsilon.point
+            values = [point.metrics.get(name, "") for name in metric_names]
+            writer.writerow([record.epoch, record.global_step, "at_epsilon", point.epsilon, record.at_epsilon.sparsity,
+                             *values, point.ratio])
+    with fs.open(os.path.join(directory, f"{stem}.csv"), "w") as f:
+        f.write(buffer.getvalue())
+
+
+def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], method: str, title: str) -> Any:
+    """A matplotlib Figure of ``method``'s curves, one line per evaluated epoch, its epsilon point as a star.
+
+    ``history`` holds records, or their JSON form (as in the history file). The star sits at the epsilon point's
+    accuracy (or other metric) and at its place on this method's x-axis: the fraction of the pruned entries it zeroes,
+    or for a method that prunes copies (``"structured"``) the fraction of all parameters.
+
+    Raises:
+        ModuleNotFoundError: without matplotlib (the message names the extra to install).
+    """
+    needed_for = "PruneEvalCallback's figures (log_figure=True)"
+    cm = import_optional("matplotlib.cm", "figures", needed_for)
+    colors = import_optional("matplotlib.colors", "figures", needed_for)
+    figure_module = import_optional("matplotlib.figure", "figures", needed_for)
+    records = [r if isinstance(r, EvaluationRecord) else EvaluationRecord.from_dict(r) for r in history]
+    entries = [record for record in records if method in record.curves]
+    metric_names = list(entries[-1].curves[method].metrics) if entries else []
+    figure = figure_module.Figure(figsize=(4.5 * max(1, len(metric_names)), 3.6), dpi=80, layout="constrained")
+    axes = figure.subplots(1, max(1, len(metric_names)), squeeze=False)[0]
+    epochs = [record.epoch for record in entries]
+    norm = colors.Normalize(vmin=min(epochs, default=0), vmax=max(max(epochs, default=0), min(epochs, default=0) + 1))
+    mappable = cm.ScalarMappable(norm=norm, cmap="viridis")
+    in_place = getattr(REGISTRY.get(method), "in_place", True)  # else its x-axis is the share of parameters removed
+    for ax, name in zip(axes, metric_names, strict=False):
+        starred = False
+        for record in entries:
+            curve, placed, color = record.curves[method], record.at_epsilon, mappable.to_rgba(record.epoch)
+            if name in curve.metrics:
+                ax.plot(curve.sparsities, curve.metrics[name], marker="o", markersize=3, color=color,
+                        label=f"epoch {record.epoch}")
+            if placed is not None and name in placed.point.metrics:
+                x = placed.sparsity if in_place else placed.removed
+                ax.plot([x], [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
+                        color=color, markeredgecolor="black",
+                        label=None if starred else f"epsilon point (epsilon={placed.point.epsilon:g})")
+                starred = True
+        ax.set_xlabel("measured sparsity")
+        ax.set_ylabel(name)
+        ax.set_xlim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    if len(entries) <= 6:
+        axes[0].legend(fontsize="small")
+    else:
+        figure.colorbar(mappable, ax=list(axes), label="epoch")
+    figure.suptitle(title)
+    return figure
+
+
+def render_curves(history: Sequence[EvaluationRecord | Mapping[str, Any]], method: str, title: str) -> Any:
+    """``curves_figure`` as an RGB image (H, W, 3 uint8 array), drawn with Agg (no display, no pyplot state)."""
+    agg = import_optional("matplotlib.backends.backend_agg", "figures", "PruneEvalCallback's figures")
+    canvas = agg.FigureCanvasAgg(curves_figure(history, method, title))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

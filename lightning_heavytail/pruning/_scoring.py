@@ -1,0 +1,225 @@
+"""Scoring one model state: the evaluation's forward, the checks on its output, the metrics over the data."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+
+from lightning_heavytail._compat import unsynced
+from lightning_heavytail._tensors import all_finite
+from lightning_heavytail.pruning.curve import DEFAULT_METRIC_KEY
+
+ForwardFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
+"""``forward_fn(model, batch) -> (preds, target)``."""
+
+OutputKey = str | int
+"""``output_key``: a key of a dict output (``"logits"``) or an index of a tuple output."""
+
+
+def describe(value: Any) -> str:
+    """A short description of a model output, for error messages."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)!r}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """(inputs, target) from a default-layout batch, or a ValueError pointing to ``forward_fn``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        layout = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else (
+            type(batch).__name__
+        )
+        raise ValueError(
+            f"Without `forward_fn` a batch must be (inputs, target); got a {layout}. Pass"
+            " `forward_fn=lambda model, batch: (preds, target)` for other batch layouts."
+        )
+    return batch[0], batch[1]
+
+
+def _pick_output(out: Any, output_key: OutputKey | None) -> Any:
+    """The predictions in the model's output: the output itself, or its entry ``output_key``."""
+    if output_key is None:
+        if isinstance(out, (Mapping, tuple, list)):
+            raise ValueError(
+                f"The model returned {describe(out)} where the evaluation needs a tensor of predictions. Pass"
+                " `output_key` to read one entry (output_key='logits' for a Hugging Face-style output, output_key=0"
+                " for the first element of a tuple), or `forward_fn=lambda model, batch: (preds, target)`."
+            )
+        return out
+    try:
+        return out[output_key]
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(
+            f"`output_key`={output_key!r} cannot be read from the model's output, {describe(out)}; pass a key or"
+            " index it has, or `forward_fn=lambda model, batch: (preds, target)`."
+        ) from err
+
+
+def make_forward(forward_fn: ForwardFn | None, output_key: OutputKey | None) -> ForwardFn:
+    """The evaluation's ``(model, batch) -> (preds, target)``: ``forward_fn``, or the default one."""
+    if forward_fn is not None:
+        return forward_fn
+
+    def forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        inputs, target = _split_batch(batch)
+        return _pick_output(model(inputs), output_key), target
+
+    return forward
+
+
+def checked_outputs(out: Any) -> tuple[Tensor, Any]:
+    """``(preds, target)`` from a forward, or a ValueError saying what came back instead."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(f"`forward_fn` must return (preds, target), got {describe(out)}")
+    preds, target = out
+    if not isinstance(preds, Tensor):
+        raise ValueError(
+            f"The predictions must be a tensor, got {describe(preds)}. Pass `output_key` to read one entry of the"
+            " model's output, or return a tensor from `forward_fn`."
+        )
+    if preds.is_complex():
+        raise ValueError(
+            f"The predictions are complex ({preds.dtype}, shape {tuple(preds.shape)}); metrics need real scores."
+            " Return real ones (e.g. their magnitude) from `forward_fn`."
+        )
+    return preds, target
+
+
+def check_finite_predictions(preds: Tensor, where: str, pruned: bool) -> None:
+    """Refuse to score NaN or infinite predictions: a metric of them would be a number that means nothing."""
+    if not all_finite(preds):
+        cause = (
+            "pruning made them: a layer that divides by its weights' norm (a normalized or cosine layer) gives NaN"
+            " when a unit is zeroed; leave it out with `exclude`" if pruned else "the unpruned model gives them"
+        )
+        raise ValueError(f"The model's predictions hold NaN or infinity ({where}); nothing is scored: {cause}.")
+
+
+def check_default_metric_inputs(preds: Tensor, target: Any) -> None:
+    """What the default metric (multiclass accuracy) cannot score, refused with the fix."""
+    if preds.ndim < 2 or preds.shape[1] < 2:
+        raise ValueError(
+            "The default metric (multiclass accuracy) needs class scores of shape (N, C) with C >= 2, got preds"
+            f" of shape {tuple(preds.shape)}. Pass `metrics` (a torchmetrics Metric or MetricCollection): for a"
+            " single-logit binary classifier torchmetrics.classification.BinaryAccuracy(), for regression a"
+            " regression metric such as torchmetrics.MeanSquaredError()."
+        )
+    if not isinstance(target, Tensor):
+        raise ValueError(f"The default metric (multiclass accuracy) needs a tensor of class labels as target, got"
+                         f" {describe(target)}")
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(
+            f"The default metric (multiclass accuracy) needs integer class labels as target, got {target.dtype}"
+            f" targets of shape {tuple(target.shape)}, which it would score as accuracy 0. For regression pass a"
+            " regression metric (metrics=torchmetrics.MeanSquaredError()); for class labels stored as floats,"
+            " return them as integers from `forward_fn`."
+        )
+
+
+def metric_collection(metrics: Metric | MetricCollection | None, preds: Tensor,
+                      device: torch.device) -> MetricCollection:
+    """The collection the evaluation updates: the user's metric(s) themselves, or multiclass accuracy."""
+    if isinstance(metrics, MetricCollection):
+        collection = metrics
+    elif isinstance(metrics, Metric):
+        collection = MetricCollection(metrics)  # keyed by class name; the metric itself, not a copy
+    else:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        accuracy = MulticlassAccuracy(num_classes=int(preds.shape[1]), average="micro")
+        collection = MetricCollection({DEFAULT_METRIC_KEY: accuracy})
+    return collection.to(device)
+
+
+def as_float(name: str, value: Any) -> float:
+    """One metric value as a float, or a ValueError: a pruning curve needs one number per level."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"Metric {name!r} returned a tensor of shape {tuple(value.shape)}; a pruning curve needs one number"
+                " per level (e.g. use average='micro' or 'macro')."
+            )
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"Metric {name!r} returned {type(value).__name__}; a pruning curve needs one number per level")
+
+
+def metric_names(collection: MetricCollection, preds: Tensor, target: Any) -> list[str]:
+    """Score one batch with a copy of the metrics (not synced across ranks): their names, or the error they raise."""
+    trial = copy.deepcopy(collection)
+    unsynced(trial.modules())  # one rank's trial: a sync here would wait for ranks that are not computing
+    trial.reset()
+    target_info = f"{tuple(target.shape)} {target.dtype}" if isinstance(target, Tensor) else describe(target)
+    try:
+        trial.update(preds, target)
+        values = trial.compute()
+    except Exception as err:
+        raise ValueError(
+            f"`metrics` cannot score the model's output: {type(err).__name__}: {err} (preds {tuple(preds.shape)}"
+            f" {preds.dtype}, target {target_info}). Pass metrics that fit the task, or `forward_fn` to return"
+            " (preds, target) in the form they expect."
+        ) from err
+    for name, value in values.items():
+        as_float(name, value)  # one number per level, or an error now rather than after an epoch
+    return [str(name) for name in values]
+
+
+class Scorer:
+    """Runs a model over the data and returns the metrics as floats: the score of one model state.
+
+    ``update`` scores one batch into a collection and ``compute`` reads it, so a caller can also hold one collection
+    per model state and score every state on each batch as it is loaded.
+    """
+
+    def __init__(self, dataloader: Iterable[Any], forward: ForwardFn, device: torch.device) -> None:
+        self.dataloader = dataloader
+        self.forward = forward
+        self.device = device
+        self.collection: MetricCollection | None = None  # set from the probe's output
+
+    def example_batch(self) -> Any:
+        """The first batch, on the evaluation device."""
+        for batch in self.dataloader:
+            return move_data_to_device(batch, self.device)
+        raise ValueError("`dataloader` yielded no batch")
+
+    def batches(self) -> Iterable[Any]:
+        """The batches, each moved to the evaluation device as it is loaded."""
+        seen = False
+        for batch in self.dataloader:
+            seen = True
+            yield move_data_to_device(batch, self.device)
+        if not seen:
+            raise ValueError("`dataloader` yielded no batch")
+
+    def update(self, collection: MetricCollection, model: nn.Module, batch: Any, where: str, pruned: bool) -> None:
+        """Score ``model`` on one batch into ``collection``; ``where`` and ``pruned`` say what is scored, for errors."""
+        preds, target = checked_outputs(self.forward(model, batch))
+        check_finite_predictions(preds, where, pruned)
+        collection.update(preds, target)
+
+    @staticmethod
+    def compute(collection: MetricCollection) -> dict[str, float]:
+        """The metrics a collection holds, as floats."""
+        return {name: as_float(name, value) for name, value in collection.compute().items()}
+
+    def __call__(self, model: nn.Module, where: str, pruned: bool) -> dict[str, float]:
+        """The metrics of ``model`` over the data."""
+        if self.collection is None:
+            raise RuntimeError("Scorer used before its metrics were set")
+        self.collection.reset()
+        for batch in self.batches():
+            self.update(self.collection, model, batch, where, pruned)
+        return self.compute(self.collection)

@@ -1,0 +1,293 @@
+r"""The pruning methods, chosen by name through one registry (name -> rule).
+
+Five methods (Barsbey et al., 2021; Wan et al., 2024). The first four write the selected tensors in place, level by
+level, and restore them afterwards; ``"structured"`` evaluates pruned copies.
+
+- ``"global"``: one threshold over all selected weights. At sparsity ``s`` over ``n`` selected entries, with
+  ``k = round(s * n)`` and ``t`` the ``k``-th smallest ``|w|``, every entry with ``|w| <= t`` is zeroed.
+- ``"layerwise"``: the same rule inside each selected tensor, so every layer loses the same fraction.
+- ``"neuron"``: in each selected tensor, the output units (rows of a Linear weight, filters of a conv kernel: slices
+  along dim 0) with the smallest l2 norm are zeroed, ``round(s * n_units)`` of them.
+  This is the structured pruning of the paper. Only the selected tensors are masked: a unit whose bias is not selected
+  still emits its bias (the paper's networks have no biases).
+- ``"svd"``: each selected tensor, seen as a matrix ``W`` of shape ``(out, -1)`` (a conv kernel ``(out, in, *k)`` is
+  reshaped to ``(out, in * prod(k))``), loses its ``round(s * r)`` smallest singular values, ``r = min(W.shape)``: it
+  is replaced by ``U_q diag(S_q) V_q^T``, the ``q = r - round(s * r)`` largest terms of its SVD (the best rank-``q``
+  approximation), reshaped back. The level is the fraction of singular values dropped, and so is the measured
+  sparsity (summed over the tensors). At level 0 the tensors are left exactly as they are. Selected tensors need two
+  or more dimensions and finite entries.
+- ``"structured"``: channels are physically removed from a deep copy of the model with torch-pruning's
+  ``BasePruner`` (group l2 magnitude, the same channel ratio in each selected layer). Channels that reach
+  the model's output are never removed. The ratio counts channels, so the curve's x-axis is the measured fraction of
+  all model parameters removed.
+
+For the three mask methods (``MASK_METHODS``), ties at the threshold are all zeroed, so the measured sparsity, the
+fraction of the selected entries that are zero, can exceed the level asked for (e.g. when many weights are exactly
+zero already); the curve reports the measured value. ``round`` is Python's, as in ``torch.nn.utils.prune``. Their
+cost: one sort of the scores per call (not one per level), thresholds from the sort (never from ``torch.quantile``,
+which fails above ``2^{24}`` elements). ``"svd"`` factors each selected tensor once per call (it holds ``U``, ``S``,
+``V`` of every selected tensor, about twice the tensors' size).
+
+**Adding a method** is one rule and one entry of ``REGISTRY``, in this file: a rule maps the unpruned values of the
+selected tensors and the levels to a ``LevelPlan`` (what each tensor holds at each level, computed once), and
+``InPlaceMethod(rule)`` evaluates it like the methods above, in the functional API and in ``PruneEvalCallback``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lightning_heavytail._checks import check_names
+from lightning_heavytail._extras import require
+from lightning_heavytail._tensors import all_finite, compute_dtype, sort_ascending
+from lightning_heavytail.pruning._evaluator import CurveTask, LevelPlan, levels_applied
+from lightning_heavytail.pruning._scoring import ForwardFn
+from lightning_heavytail.pruning._structured import StructuredMethod
+from lightning_heavytail.pruning._targets import Target
+
+__all__ = [
+    "MASK_METHODS",
+    "PRUNING_METHODS",
+    "REGISTRY",
+    "InPlaceMethod",
+    "LevelPlan",
+    "PruningMethod",
+    "SingularValuePlan",
+    "ThresholdPlan",
+    "method_named",
+    "require_methods",
+    "validate_method",
+]
+
+Rule = Callable[[Sequence[Tensor], Sequence[float]], LevelPlan]
+"""``rule(unpruned values of the selected tensors, levels) -> LevelPlan``."""
+
+
+class PruningMethod(Protocol):
+    """An entry of ``REGISTRY``."""
+
+    @property
+    def in_place(self) -> bool:
+        """Whether it writes the selected tensors in place (no model copy)."""
+
+    @property
+    def zeroes_entries(self) -> bool:
+        """Whether it only zeroes entries (a mask method, one of ``MASK_METHODS``)."""
+
+    @property
+    def extra(self) -> str | None:
+        """The optional dependency it needs (an extra of the package), if any."""
+
+    def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
+        """Fail early if the method cannot prune ``targets`` of ``model`` (``batch`` may be None)."""
+
+    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
+        """The measured sparsity and the metrics at each level of ``task``; the model is left as it was."""
+
+
+class ThresholdPlan:
+    """Zero the entries whose score is at most a threshold (``thresholds[level][tensor]``; None: none, NaN: all).
+
+    ``score(index, backup)`` gives the scores of tensor ``index``, shaped to broadcast over it. The measured sparsity
+    is the fraction of the written entries that are zero.
+    """
+
+    def __init__(self, thresholds: list[list[float | None]], score: Callable[[int, Tensor], Tensor]) -> None:
+        self.thresholds = thresholds
+        self.score = score
+
+    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
+        """``backup`` with the entries at or below the threshold zeroed, into ``out``."""
+        out.copy_(backup)
+        threshold = self.thresholds[level][index]
+        if threshold is None:
+            return
+        if math.isnan(threshold):  # the k-th smallest is NaN (NaNs sort last): everything up to it is pruned
+            out.zero_()
+            return
+        out.masked_fill_(self.score(index, backup) <= threshold, 0)
+
+    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
+        """The fraction of the written entries that are zero."""
+        return sum(int((t == 0).sum().item()) for t in written) / sum(t.numel() for t in written)
+
+
+def _kth_threshold(sorted_scores: Tensor, level: float) -> float | None:
+    """Largest score to zero at ``level``: the k-th smallest, k = round(level * n); None when nothing is pruned."""
+    k = round(level * sorted_scores.numel())
+    return None if k == 0 else float(sorted_scores[k - 1].item())
+
+
+def _magnitudes(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    mag = tensor.abs()
+    return mag if mag.dtype == dtype else mag.to(dtype)
+
+
+def _per_tensor(scores: Sequence[Tensor], levels: Sequence[float]) -> list[list[float | None]]:
+    """thresholds[level][tensor] from one sort of each tensor's scores."""
+    by_tensor = [[_kth_threshold(ranked, level) for level in levels]
+                 for ranked in (sort_ascending(score.flatten()) for score in scores)]
+    return [list(column) for column in zip(*by_tensor, strict=True)]
+
+
+def _global(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+    dtype = compute_dtype(*(b.dtype for b in backups))  # rank every tensor in one dtype: comparisons stay exact
+    ranked = sort_ascending(torch.cat([_magnitudes(b, dtype).flatten() for b in backups]))
+    thresholds = [[_kth_threshold(ranked, level)] * len(backups) for level in levels]
+    return ThresholdPlan(thresholds, lambda _, backup: _magnitudes(backup, dtype))
+
+
+def _layerwise(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+    def score(_: int, backup: Tensor) -> Tensor:
+        return _magnitudes(backup, compute_dtype(backup.dtype))
+
+    return ThresholdPlan(_per_tensor([score(i, b) for i, b in enumerate(backups)], levels), score)
+
+
+def _neuron(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+    # l2 norm of each slice along dim 0, shaped to broadcast against the tensor
+    norms = [b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)).norm(dim=1).reshape(-1, *([1] * (b.ndim - 1)))
+             for b in backups]
+    return ThresholdPlan(_per_tensor(norms, levels), lambda index, _: norms[index])
+
+
+class SingularValuePlan:
+    """Each tensor as an ``(out, -1)`` matrix, its ``drops[level][tensor]`` smallest singular values dropped."""
+
+    def __init__(self, factors: list[tuple[Tensor, Tensor, Tensor]], drops: list[list[int]]) -> None:
+        self.factors = factors
+        self.drops = drops
+
+    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
+        """The best approximation of ``backup`` of the rank left at ``level``, into ``out``."""
+        drop = self.drops[level][index]
+        if drop == 0:
+            out.copy_(backup)  # exactly the tensor, not its rounded reconstruction
+            return
+        u, s, vh = self.factors[index]
+        keep = s.numel() - drop  # singular values come in descending order: the smallest are last
+        out.copy_(((u[:, :keep] * s[:keep]) @ vh[:keep]).reshape(backup.shape))
+
+    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
+        """The fraction of the singular values dropped, over all tensors."""
+        return sum(self.drops[level]) / sum(s.numel() for _, s, _ in self.factors)
+
+
+def _svd(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+    factors = [torch.linalg.svd(b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)), full_matrices=False)
+               for b in backups]
+    drops = [[round(level * s.numel()) for _, s, _ in factors] for level in levels]
+    return SingularValuePlan([(u, s, vh) for u, s, vh in factors], drops)
+
+
+@dataclass(frozen=True)
+class InPlaceMethod:
+    """A method that writes the selected tensors in place, level by level, from its ``rule`` (no model copy).
+
+    Attributes:
+        rule: computes, once per evaluation, every tensor's value at every level.
+        zeroes_entries: the rule only zeroes entries (a mask method).
+        matrices: the rule reads each tensor as a matrix: it needs 2 or more dimensions and finite entries.
+    """
+
+    rule: Rule
+    zeroes_entries: bool = True
+    matrices: bool = False
+    in_place: bool = True
+    extra: str | None = None
+
+    def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
+        """Refuse tensors the rule cannot read (``matrices``: fewer than 2 dimensions, NaN or infinity)."""
+        if not self.matrices:
+            return
+        vectors = [t.name for t in targets if t.current().ndim < 2]
+        if vectors:
+            raise ValueError(
+                f"This method factors each selected tensor as a matrix, and {vectors} of {type(model).__name__} have"
+                " fewer than 2 dimensions. Leave them out with `exclude`, or select weights with `params`."
+            )
+        for target in targets:
+            if not all_finite(target.current()):
+                raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: it has no singular values")
+
+    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
+        """Write each level, score it; the tensors are restored afterwards (``levels_applied``).
+
+        The plan (one sort, every level's thresholds) is made once; this loop over levels is where a one-pass
+        evaluation would instead load each batch once and ``writer.apply`` every level to it.
+        """
+        self.check(task.model, task.targets, None, task.forward)
+        measured: list[float] = []
+        values: list[dict[str, float]] = []
+        with levels_applied(task.model, task.targets) as writer:
+            plan = self.rule(writer.backups, task.levels)
+            for i, level in enumerate(task.levels):
+                measured.append(writer.apply(plan, i))
+                values.append(task.scorer(task.model, task.where(level), level > 0.0))
+        return measured, values
+
+
+REGISTRY: dict[str, PruningMethod] = {
+    "global": InPlaceMethod(_global),
+    "layerwise": InPlaceMethod(_layerwise),
+    "neuron": InPlaceMethod(_neuron),
+    "svd": InPlaceMethod(_svd, zeroes_entries=False, matrices=True),
+    "structured": StructuredMethod(),
+}
+"""Method name -> method: the one place a method is chosen by its name."""
+
+PRUNING_METHODS: tuple[str, ...] = tuple(REGISTRY)
+"""The methods ``evaluate_pruning_curve`` accepts."""
+
+MASK_METHODS: tuple[str, ...] = tuple(name for name, method in REGISTRY.items() if method.zeroes_entries)
+"""The methods that zero entries in place (no model copy)."""
+
+
+def validate_method(method: Any, argument: str = "method") -> tuple[str, ...]:
+    """Check a pruning method name, or a sequence of distinct names, against ``PRUNING_METHODS``.
+
+    Args:
+        method: one name or a sequence of names.
+        argument: the argument name used in error messages.
+
+    Returns:
+        The names as a tuple.
+
+    Raises:
+        TypeError: if ``method`` is neither a name nor a sequence of names.
+        ValueError: on an unknown name, an empty sequence or a repeated name.
+
+    Examples:
+        >>> validate_method("global")
+        ('global',)
+        >>> validate_method(["neuron", "global"])
+        ('neuron', 'global')
+        >>> validate_method("magnitude")
+        Traceback (most recent call last):
+        ...
+        ValueError: `method` must be one of ('global', 'layerwise', 'neuron', 'svd', 'structured') or a sequence of them, got 'magnitude'
+    """  # noqa: E501
+    return check_names(method, PRUNING_METHODS, argument)
+
+
+def require_methods(names: Sequence[str]) -> None:
+    """Raise a ModuleNotFoundError naming the extra to install if a method's optional dependency is missing."""
+    for name in names:
+        extra = REGISTRY[name].extra
+        if extra is not None:
+            require(extra, f"method={name!r}")
+
+
+def method_named(method: Any) -> tuple[str, PruningMethod]:
+    """The name and registry entry of one method (a ValueError for a sequence of several); its dependency checked."""
+    names = validate_method(method)
+    if len(names) != 1:
+        raise ValueError(f"`method` must name one method here (call once per method), got {method!r}")
+    require_methods(names)
+    return names[0], REGISTRY[names[0]]
