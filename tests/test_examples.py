@@ -66,7 +66,7 @@ def test_existing_trainer_smoke(tmp_path):
 
     tb = _tensorboard(result["log_dir"])
     scalars = set(tb.Tags()["scalars"])
-    assert {"pruning/auc", "pruning/accuracy@0.90", "pruning/neuron/auc", "heavytail/noise_scale"} <= scalars
+    assert {"pruning/auc", "pruning/global/accuracy@0.90", "pruning/neuron/auc", "heavytail/noise_scale"} <= scalars
     assert "pruning/global/curve" in tb.Tags()["images"]
     # the noise really was applied, at the scale sigma * lr**(1/alpha) of the defaults (0.003, lr 0.1, alpha 1.75)
     scales = [event.value for event in tb.Scalars("heavytail/noise_scale")]
@@ -100,7 +100,7 @@ def test_cli_config_fit_runs_both_callbacks(tmp_path, monkeypatch):
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "pruning/auc")
     assert Path(checkpoint.best_model_path).is_file()
     tb = _tensorboard(trainer.log_dir)
-    assert "pruning/accuracy@0.90" in tb.Tags()["scalars"]
+    assert "pruning/global/accuracy@0.90" in tb.Tags()["scalars"]
     assert (Path(trainer.log_dir) / "config.yaml").is_file()  # LightningCLI saved the resolved config
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_heavytail._extras import import_optional
@@ -103,7 +106,11 @@ class EvaluationRecord:
         )
 
     def scalars(self, prefix: str, methods: Sequence[str], level_names: Sequence[str]) -> dict[str, float]:
-        """Every logged name and value (see PruneEvalCallback), the first method also under the short names."""
+        """Every logged name and value (see PruneEvalCallback), each value under one name.
+
+        With a single pruned layer, its per-layer compressibility and epsilon-ratio keys equal their aggregates
+        (``/total``, ``/mean``, the overall ratio) and only the aggregates are logged.
+        """
         out: dict[str, float] = {}
 
         def put(name: str, value: float) -> None:
@@ -111,26 +118,59 @@ class EvaluationRecord:
                 raise ValueError(f"PruneEvalCallback would log {name!r} twice; rename a metric or change `log_prefix`")
             out[name] = float(value)
 
-        for i, method in enumerate(methods):
+        for method in methods:
             curve = self.curves[method]
             for j, level in enumerate(level_names):
                 for metric, values in curve.metrics.items():
                     put(f"{prefix}/{method}/{metric}@{level}", values[j])
-                    if i == 0:
-                        put(f"{prefix}/{metric}@{level}", values[j])
                 put(f"{prefix}/{method}/measured_sparsity@{level}", curve.sparsities[j])
             put(f"{prefix}/{method}/auc", self.auc[method])
         put(f"{prefix}/auc", self.auc[methods[0]])
+        layers = self.layers()
         if self.at_epsilon is not None:
             point = self.at_epsilon.point
             for metric, value in point.metrics.items():
                 put(f"{prefix}/at_epsilon/{metric}", value)
             put(f"{prefix}/at_epsilon/ratio", point.ratio)
-            for name, ratio in point.ratios.items():
-                put(f"{prefix}/at_epsilon/ratio/{name}", ratio)
+            if len(point.ratios) > 1:
+                for name, ratio in point.ratios.items():
+                    put(f"{prefix}/at_epsilon/ratio/{name}", ratio)
         for key, value in self.compressibility.items():
+            if len(layers) == 1 and key.rpartition("/")[2] in layers:
+                continue  # the one layer's value is its aggregate's
             put(f"{prefix}/{key}", value)
         return out
+
+    def layers(self) -> set[str]:
+        """The names of the tensors the compressibility report covers (its per-layer keys end in them)."""
+        return {key.split("/", 1)[1] for key in self.compressibility
+                if key.startswith("fraction_prunable/") and key != "fraction_prunable/total"}
+
+
+def scalars_layout(prefix: str, methods: Sequence[str], metric_names: Sequence[str]) -> dict[str, Any]:
+    """TensorBoard's custom-scalars layout, for ``SummaryWriter.add_custom_scalars``.
+
+    Each method's metric at every level is one multi-line chart, and the compressibility metrics get charts of their
+    own, so TensorBoard's "Custom Scalars" tab shows the curves' evolution without the user arranging anything.
+
+    Examples:
+        >>> layout = scalars_layout("pruning", ["neuron"], ["accuracy"])
+        >>> layout["pruning: pruning curves"]["neuron: accuracy at every level"]
+        ['Multiline', ['^pruning/neuron/accuracy@']]
+    """
+    tag = re.escape(prefix)
+    curves = {
+        f"{method}: {metric} at every level": ["Multiline", [f"^{tag}/{re.escape(method)}/{re.escape(metric)}@"]]
+        for method in methods for metric in metric_names
+    }
+    curves["area under each curve"] = ["Multiline", [f"^{tag}/(.*/)?auc$"]]
+    compressibility = {
+        "fraction prunable (epsilon point)": ["Multiline", [f"^{tag}/fraction_prunable/", f"^{tag}/at_epsilon/ratio"]],
+        "metrics at the epsilon point": ["Multiline", [f"^{tag}/at_epsilon/(?!ratio)"]],
+        "best-k relative error": ["Multiline", [f"^{tag}/best_k_error@"]],
+        "tail index": ["Multiline", [f"^{tag}/alpha_"]],
+    }
+    return {f"{prefix}: pruning curves": curves, f"{prefix}: compressibility": compressibility}
 
 
 def write_history(records: Sequence[EvaluationRecord], methods: Sequence[str], directory: str, stem: str) -> None:
@@ -167,6 +207,31 @@ def write_history(records: Sequence[EvaluationRecord], methods: Sequence[str], d
         f.write(buffer.getvalue())
 
 
+def sparsity_axis(sparsities: Sequence[float]) -> list[float]:
+    """Positions on a sparsity axis that spreads the high end: ``-log10(1 - s)``.
+
+    0.9, 0.99 and 0.999 are then equally far apart, and 0 stays at 0.
+
+    Examples:
+        >>> [round(x, 3) for x in sparsity_axis([0.0, 0.9, 0.99])]
+        [0.0, 1.0, 2.0]
+    """
+    return [abs(math.log10(max(1.0 - float(s), 1e-6))) for s in sparsities]  # abs: 0, not -0, at s = 0
+
+
+_SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
+
+
+def spread_high_sparsity(ax: Any, highest: float) -> None:
+    """Label an axis drawn with ``sparsity_axis`` in sparsities (ticks up to just past ``highest``)."""
+    ticks = [t for t in _SPARSITY_TICKS if t <= max(highest, 0.9) + 1e-12]
+    if len(ticks) < len(_SPARSITY_TICKS):
+        ticks.append(_SPARSITY_TICKS[len(ticks)])
+    ax.set_xticks(sparsity_axis(ticks), [f"{t:g}" for t in ticks])
+    ax.set_xlim(0.0, sparsity_axis([ticks[-1]])[0])
+    ax.set_xlabel("measured sparsity (axis: -log10(1 - s))")
+
+
 def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], method: str, title: str) -> Any:
     """A matplotlib Figure of ``method``'s curves, one line per evaluated epoch, its epsilon point as a star.
 
@@ -195,17 +260,16 @@ def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
         for record in entries:
             curve, placed, color = record.curves[method], record.at_epsilon, mappable.to_rgba(record.epoch)
             if name in curve.metrics:
-                ax.plot(curve.sparsities, curve.metrics[name], marker="o", markersize=3, color=color,
-                        label=f"epoch {record.epoch}")
+                ax.plot(sparsity_axis(curve.sparsities), curve.metrics[name], marker="o", markersize=3, color=color,
+                        alpha=0.85, label=f"epoch {record.epoch}")
             if placed is not None and name in placed.point.metrics:
                 x = placed.sparsity if in_place else placed.removed
-                ax.plot([x], [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
+                ax.plot(sparsity_axis([x]), [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
                         color=color, markeredgecolor="black",
                         label=None if starred else f"epsilon point (epsilon={placed.point.epsilon:g})")
                 starred = True
-        ax.set_xlabel("measured sparsity")
+        spread_high_sparsity(ax, max((max(r.curves[method].sparsities) for r in entries), default=0.9))
         ax.set_ylabel(name)
-        ax.set_xlim(0.0, 1.0)
         ax.grid(alpha=0.3)
     if len(entries) <= 6:
         axes[0].legend(fontsize="small")
@@ -221,3 +285,29 @@ def render_curves(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
     canvas = agg.FigureCanvasAgg(curves_figure(history, method, title))
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def tensorboards(loggers: Sequence[Any]) -> list[TensorBoardLogger]:
+    """The TensorBoardLoggers among ``loggers``."""
+    return [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def to_tensorboard(loggers: Sequence[Any], records: Sequence[EvaluationRecord], prefix: str, methods: Sequence[str],
+                   step: int, *, figures: bool, layouts_written: set[int]) -> None:
+    """Write what TensorBoard shows beyond the scalars (rank zero only).
+
+    Every TensorBoardLogger gets the custom-scalars layout once (``layouts_written`` holds the ids of those that have
+    it) and, with ``figures``, one figure per method (all evaluated epochs' curves) at ``step``.
+    """
+    boards = tensorboards(loggers)
+    if not boards or not records:
+        return
+    metric_names = list(next(iter(records[-1].curves.values())).metrics)
+    for logger in boards:
+        if id(logger) not in layouts_written:
+            logger.experiment.add_custom_scalars(scalars_layout(prefix, methods, metric_names))
+            layouts_written.add(id(logger))
+    for method in methods if figures else ():
+        image = render_curves(records, method, title=f"{prefix}: {method} pruning")
+        for logger in boards:
+            logger.experiment.add_image(f"{prefix}/{method}/curve", image, global_step=step, dataformats="HWC")

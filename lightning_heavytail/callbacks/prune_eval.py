@@ -19,7 +19,6 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
@@ -45,7 +44,13 @@ from lightning_heavytail.callbacks._eval_data import (
     rank_zero_buffers,
     sharded_batches,
 )
-from lightning_heavytail.callbacks._prune_history import EpsilonRecord, EvaluationRecord, render_curves, write_history
+from lightning_heavytail.callbacks._prune_history import (
+    EpsilonRecord,
+    EvaluationRecord,
+    tensorboards,
+    to_tensorboard,
+    write_history,
+)
 from lightning_heavytail.compressibility import DEFAULT_REPORT_SPARSITIES, compressibility_report
 from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
@@ -98,17 +103,21 @@ class PruneEvalCallback(Callback):
     Logged with ``pl_module.log`` (so ``ModelCheckpoint`` and ``EarlyStopping`` can ``monitor`` them), with
     ``log_prefix="pruning"``:
 
-    - ``pruning/{metric}@{level}`` for the first method and ``pruning/{method}/{metric}@{level}`` for every method,
-      per requested level, written with two decimals or as many as the level has (``0.90``, ``0.995``: see
-      ``level_names`` and ``lightning_heavytail.pruning.level_label``);
+    - ``pruning/{method}/{metric}@{level}`` for every method, per requested level, written with two decimals or as many
+      as the level has (``0.90``, ``0.995``: see ``level_names`` and ``lightning_heavytail.pruning.level_label``);
     - ``pruning/{method}/measured_sparsity@{level}``: the measured fraction pruned at that level;
-    - ``pruning/auc`` (first method, ``auc_metric``) and ``pruning/{method}/auc``: the area under the metric-vs-measured
-      sparsity curve, normalised by the sparsity span (the curve's mean value);
+    - ``pruning/auc`` (first method, ``auc_metric``; also on the progress bar) and ``pruning/{method}/auc``: the area
+      under the metric-vs-measured sparsity curve, normalised by the sparsity span (the curve's mean value);
     - the paper's measurement (``epsilon_point=True``), through ``evaluate_at_epsilon`` on the tensors the curves
       prune: ``pruning/at_epsilon/{metric}``, the metric of the model with each layer pruned at its epsilon point (the
       most units of smallest squared norm within ``epsilon`` of its squared Frobenius norm, no fine-tuning);
       ``pruning/at_epsilon/ratio``, the units pruned over all units; ``pruning/at_epsilon/ratio/{name}`` per layer;
     - ``pruning/{key}`` for every key of the compressibility report (``compressibility=True``).
+
+    Each value is logged under one name: with a single pruned layer, its per-layer compressibility and epsilon-ratio
+    keys equal their aggregates (``/total``, ``/mean``, ``at_epsilon/ratio``), and only those are logged. TensorBoard
+    also gets a custom-scalars layout (its "Custom Scalars" tab): each method's metric at every level in one chart,
+    the compressibility metrics in others.
 
     With a ``TensorBoardLogger``, a figure of every method's curves (one line per evaluated epoch, the epsilon point a
     star) goes to the images tab under ``pruning/{method}/curve``. The history is written after every evaluation as
@@ -119,7 +128,7 @@ class PruneEvalCallback(Callback):
     Args:
         sparsities: strictly increasing levels in ``[0, 1)``.
         method: one of ``lightning_heavytail.pruning.PRUNING_METHODS`` (see ``lightning_heavytail.pruning.methods``),
-            or a sequence of them (one curve each; the first one feeds the short names and ``pruning/auc``).
+            or a sequence of them (one curve each; the first one feeds ``pruning/auc``).
         dataloader: any re-iterable of batches (a ``DataLoader``, a list of batches). ``None``: see "Data" above.
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``; ``None``: multiclass accuracy with the number of
             classes taken from the model's output, logged as ``accuracy``.
@@ -182,8 +191,8 @@ class PruneEvalCallback(Callback):
         [0, 1]
         >>> callback.history[-1]["curves"]["global"]["requested"]
         [0.0, 0.5, 0.9]
-        >>> sorted(name for name in trainer.callback_metrics if name.startswith("pruning/accuracy@"))
-        ['pruning/accuracy@0.00', 'pruning/accuracy@0.50', 'pruning/accuracy@0.90']
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("pruning/global/accuracy@"))
+        ['pruning/global/accuracy@0.00', 'pruning/global/accuracy@0.50', 'pruning/global/accuracy@0.90']
         >>> PruneEvalCallback(sparsities=(0.5, 0.2))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -244,6 +253,7 @@ class PruneEvalCallback(Callback):
         self.log_prefix, self.filename, self.auc_metric = log_prefix, filename, auc_metric  # where results go
         self.level_names: tuple[str, ...] = tuple(level_label(level) for level in self.sparsities)
         self.records: list[EvaluationRecord] = []
+        self._layouts_written: set[int] = set()  # TensorBoardLoggers (by id) given the custom-scalars layout
 
         self._source: str | None = None  # where the evaluation data comes from, resolved at setup
         self._lightning_source: Any = None  # Lightning's _DataLoaderSource when the data comes from Lightning
@@ -335,7 +345,7 @@ class PruneEvalCallback(Callback):
                     f"Two PruneEvalCallbacks (log_prefix {self.log_prefix!r} and {other.log_prefix!r}) would write the"
                     f" same history files {self.history_stem}.json/.csv. Give them distinct `filename`s."
                 )
-        if self.log_figure and self._tensorboards(trainer):
+        if self.log_figure and tensorboards(trainer.loggers):
             require("figures", "PruneEvalCallback(log_figure=True) with a TensorBoardLogger (or log_figure=False)")
         self._lightning_source = None
         if self.dataloader is not None:
@@ -402,15 +412,20 @@ class PruneEvalCallback(Callback):
         )
         self.records = [old for old in self.records if old.epoch != record.epoch] + [record]
 
+        headline = f"{self.log_prefix}/auc"
         for name, value in record.scalars(self.log_prefix, self.methods, self.level_names).items():
             # identical on every rank (synced metrics, replicated weights): "max" syncs them exactly
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max",
+                          prog_bar=name == headline)
         if self.filename is not None:
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it
             if trainer.is_global_zero and self.history_stem is not None:
                 write_history(self.records, self.methods, log_dir or trainer.default_root_dir, self.history_stem)
-        if self.log_figure and trainer.is_global_zero:
-            self._log_figures(trainer)
+        if trainer.is_global_zero:
+            # the step Lightning gives the epoch-end scalars logged above, so image and scalars line up in TensorBoard
+            step = batches_that_stepped(trainer) - 1
+            to_tensorboard(trainer.loggers, self.records, self.log_prefix, self.methods, step, figures=self.log_figure,
+                           layouts_written=self._layouts_written)
 
     def _auc_metric(self, curve: PruningCurve) -> str:
         """The metric whose area is logged: ``auc_metric``, else accuracy (default metric), else the first one."""
@@ -419,24 +434,6 @@ class PruneEvalCallback(Callback):
             name = DEFAULT_METRIC_KEY if DEFAULT_METRIC_KEY in curve.metrics else next(iter(curve.metrics))
         check_metric_name(name, curve.metrics, "auc_metric")
         return name
-
-    @staticmethod
-    def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
-        return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-
-    def _log_figures(self, trainer: Trainer) -> None:
-        """Send one figure per method (all evaluated epochs' curves) to every TensorBoardLogger (rank zero only)."""
-        tensorboards = self._tensorboards(trainer)
-        if not tensorboards:
-            return
-        # the step Lightning gives the epoch-end scalars logged above, so image and scalars line up in TensorBoard
-        step = batches_that_stepped(trainer) - 1
-        for method in self.methods:
-            image = render_curves(self.records, method, title=f"{self.log_prefix}: {method} pruning")
-            for logger in tensorboards:
-                logger.experiment.add_image(
-                    f"{self.log_prefix}/{method}/curve", image, global_step=step, dataformats="HWC"
-                )
 
 
 def _known_metric_names(metrics: Metric | MetricCollection | None) -> Collection[str] | None:

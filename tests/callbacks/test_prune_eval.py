@@ -484,8 +484,8 @@ def test_exact_metric_at_each_level_against_independent_computation(tmp_path: Pa
     # what was logged is what the history holds
     metrics = trainer.callback_metrics
     for name, value in zip(callback.level_names, curve["metrics"]["accuracy"], strict=True):
-        assert metrics[f"pruning/accuracy@{name}"].item() == pytest.approx(value, abs=1e-6)
         assert metrics[f"pruning/global/accuracy@{name}"].item() == pytest.approx(value, abs=1e-6)
+        assert f"pruning/accuracy@{name}" not in metrics  # no short-name copy
     xs, ys = curve["sparsities"], expected
     area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)) / (xs[-1] - xs[0])
     assert callback.history[-1]["auc"]["global"] == pytest.approx(area, abs=1e-6)
@@ -514,8 +514,8 @@ def test_custom_metrics_forward_fn_and_several_methods(tmp_path: Path) -> None:
     assert entry["curves"]["global"]["metrics"]["count"] == [30, 30]
     metrics = trainer.callback_metrics
     neuron = entry["curves"]["neuron"]["metrics"]
-    assert metrics["pruning/accuracy@0.50"].item() == pytest.approx(neuron["accuracy"][1], abs=1e-6)
-    assert metrics["pruning/count@0.50"].item() == 30
+    assert metrics["pruning/neuron/accuracy@0.50"].item() == pytest.approx(neuron["accuracy"][1], abs=1e-6)
+    assert metrics["pruning/neuron/count@0.50"].item() == 30
     assert metrics["pruning/global/count@0.50"].item() == 30
     assert metrics["pruning/auc"].item() == pytest.approx(entry["auc"]["neuron"], abs=1e-6)
     assert metrics["pruning/global/auc"].item() == pytest.approx(entry["auc"]["global"], abs=1e-6)
@@ -541,6 +541,20 @@ def test_unknown_auc_metric_is_a_clear_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- logging, files, state
 
 
+def custom_scalars_layouts(log_dir: str) -> list[Any]:
+    """The custom-scalars layouts written into a TensorBoard run directory, parsed."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "custom_scalars__config__":
+                    layouts.append(layout_pb2.Layout.FromString(value.tensor.string_val[0]))
+    return layouts
+
+
 def test_tensorboard_event_file_has_scalars_and_curve_images(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -554,7 +568,7 @@ def test_tensorboard_event_file_has_scalars_and_curve_images(tmp_path: Path) -> 
     tags = accumulator.Tags()
     for tag in (
         "pruning/auc",
-        "pruning/accuracy@0.95",
+        "pruning/global/accuracy@0.95",
         "pruning/global/accuracy@0.50",
         "pruning/neuron/accuracy@0.80",
         "pruning/neuron/auc",
@@ -566,6 +580,13 @@ def test_tensorboard_event_file_has_scalars_and_curve_images(tmp_path: Path) -> 
     assert [event.step for event in auc_events] == [1, 3]  # Lightning logs epoch-end values at the last step's step
     assert [event.value for event in auc_events] == pytest.approx([e["auc"]["global"] for e in callback.history])
     assert {"pruning/global/curve", "pruning/neuron/curve"} <= set(tags["images"])
+    # the custom-scalars layout, read back from the event file: one chart per method and metric, written once
+    layouts = custom_scalars_layouts(logger.log_dir)
+    assert len(layouts) == 1
+    charts = {chart.title: list(chart.multiline.tag) for category in layouts[0].category for chart in category.chart}
+    assert charts["neuron: accuracy at every level"] == ["^pruning/neuron/accuracy@"]
+    assert charts["global: accuracy at every level"] == ["^pruning/global/accuracy@"]
+    assert "best-k relative error" in charts and "fraction prunable (epsilon point)" in charts
     images = accumulator.Images("pruning/global/curve")
     assert [image.step for image in images] == [1, 3]  # the scalars' steps
     assert all(image.width > 100 and image.height > 100 for image in images)
@@ -905,7 +926,7 @@ def test_levels_past_two_decimals_get_their_own_tags_and_report_keys(tmp_path: P
     metrics = trainer.callback_metrics
     curve = callback.history[-1]["curves"]["global"]
     for label, value in zip(("0.00", "0.90", "0.99", "0.995"), curve["metrics"]["accuracy"], strict=True):
-        assert metrics[f"pruning/accuracy@{label}"].item() == pytest.approx(value, abs=1e-6)
+        assert metrics[f"pruning/global/accuracy@{label}"].item() == pytest.approx(value, abs=1e-6)
     report = callback.history[-1]["compressibility"]
     assert {f"best_k_error@{label}/total" for label in ("0.90", "0.99", "0.995")} <= set(report)
     assert report["best_k_error@0.995/total"] > report["best_k_error@0.99/total"]  # two levels, two values
@@ -1121,8 +1142,8 @@ def test_epsilon_point_follows_the_prefix_and_can_be_turned_off(tmp_path: Path) 
     off = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), epsilon_point=False, filename=None)
     trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[named, off])
     trainer.fit(PlainMLP(), loader(32, 1))
-    assert {"eval/at_epsilon/accuracy", "eval/at_epsilon/ratio", "eval/at_epsilon/ratio/hidden.weight"} <= set(
-        trainer.callback_metrics)
+    assert {"eval/at_epsilon/accuracy", "eval/at_epsilon/ratio"} <= set(trainer.callback_metrics)
+    assert "eval/at_epsilon/ratio/hidden.weight" not in trainer.callback_metrics  # one layer: the overall ratio
     assert not any(name.startswith("pruning/at_epsilon") for name in trainer.callback_metrics)
     assert off.history[-1]["at_epsilon"] == {}
     with pytest.raises(TypeError, match="`epsilon_point` must be True or False"):
@@ -1139,7 +1160,8 @@ def test_the_svd_method_in_the_callback_is_the_functional_curve(tmp_path: Path) 
     assert callback.history[-1]["curves"]["svd"] == reference.to_dict()
     assert reference.params == ["hidden.weight"] and reference.sparsities == [0.0, 0.5, 0.875]  # of 8 values
     assert trainer.callback_metrics["pruning/svd/measured_sparsity@0.90"] == pytest.approx(0.875)
-    assert float(trainer.callback_metrics["pruning/accuracy@0.50"]) == pytest.approx(reference.metrics["accuracy"][1])
+    assert float(trainer.callback_metrics["pruning/svd/accuracy@0.50"]) == pytest.approx(
+        reference.metrics["accuracy"][1])
 
 
 def test_sharding_strategies_are_refused_at_setup() -> None:

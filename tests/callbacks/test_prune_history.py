@@ -16,6 +16,8 @@ from lightning_heavytail.callbacks._prune_history import (
     EvaluationRecord,
     curves_figure,
     render_curves,
+    scalars_layout,
+    sparsity_axis,
     write_history,
 )
 from lightning_heavytail.pruning import EpsilonPoint, PruningCurve
@@ -52,10 +54,12 @@ def test_entries_of_older_checkpoints_get_defaults() -> None:
 
 def test_scalars_name_every_value_once() -> None:
     scalars = record().scalars("pruning", ("global",), ("0.00", "0.50"))
-    assert scalars["pruning/accuracy@0.50"] == scalars["pruning/global/accuracy@0.50"] == 0.8
+    assert scalars["pruning/global/accuracy@0.50"] == 0.8
+    assert "pruning/accuracy@0.50" not in scalars  # no short-name copy of the first method's values
     assert scalars["pruning/global/measured_sparsity@0.50"] == 0.52
-    assert scalars["pruning/auc"] == scalars["pruning/global/auc"] == 0.85
-    assert scalars["pruning/at_epsilon/ratio/fc.weight"] == 0.25
+    assert scalars["pruning/auc"] == scalars["pruning/global/auc"] == 0.85  # the headline, for monitors
+    assert scalars["pruning/at_epsilon/ratio"] == 0.25
+    assert "pruning/at_epsilon/ratio/fc.weight" not in scalars  # one layer: its ratio is the overall ratio
     assert scalars["pruning/fraction_prunable/total"] == 0.25
     clash = record()
     clash.compressibility["auc"] = 1.0  # would be logged as pruning/auc a second time
@@ -93,7 +97,8 @@ def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
     history = [entry(0, True), entry(1, True)]
     figure = curves_figure(history, method, "t")
     stars = [line for line in figure.axes[0].lines if line.get_marker() == "*"]
-    x = 0.2 if method == "structured" else 0.3  # on this method's x-axis
+    # on this method's x-axis, which spreads the high sparsities: -log10(1 - s)
+    x = sparsity_axis([0.2 if method == "structured" else 0.3])[0]
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in stars] == [([x], [0.85]), ([x], [0.86])]
     assert [line.get_color() for line in stars] == [line.get_color() for line in figure.axes[0].lines
                                                     if line.get_marker() == "o"]  # each in its epoch's colour
@@ -102,3 +107,33 @@ def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
     without = [entry(0, False), entry(1, False)]
     assert not any(line.get_marker() == "*" for line in curves_figure(without, method, "t").axes[0].lines)
     assert render_curves(history, method, "t").shape[2] == 3
+
+
+def test_one_layer_logs_only_the_aggregates_and_several_layers_log_each() -> None:
+    one = record()
+    one.compressibility = {"fraction_prunable/fc.weight": 0.25, "fraction_prunable/total": 0.25,
+                           "alpha_hill/fc.weight": 1.7, "alpha_hill/mean": 1.7}
+    scalars = one.scalars("pruning", ("global",), ("0.00", "0.50"))
+    assert {"pruning/fraction_prunable/total", "pruning/alpha_hill/mean"} <= set(scalars)
+    assert not any(name.endswith("/fc.weight") for name in scalars)
+    two = record()
+    two.compressibility = {"fraction_prunable/a": 0.2, "fraction_prunable/b": 0.3, "fraction_prunable/total": 0.25}
+    two.at_epsilon = EpsilonRecord(EpsilonPoint(0.1, {"a": 0.2, "b": 0.3}, 0.25, {"accuracy": 0.8}), 0.25, 0.2)
+    scalars = two.scalars("pruning", ("global",), ("0.00", "0.50"))
+    assert scalars["pruning/fraction_prunable/a"] == 0.2 and scalars["pruning/at_epsilon/ratio/b"] == 0.3
+
+
+def test_the_custom_scalars_layout_charts_every_level_of_each_method_and_the_compressibility() -> None:
+    import re
+
+    layout = scalars_layout("eval/x", ["global", "neuron"], ["accuracy", "f1"])
+    curves, compressibility = layout["eval/x: pruning curves"], layout["eval/x: compressibility"]
+    assert set(curves) == {"global: accuracy at every level", "global: f1 at every level",
+                           "neuron: accuracy at every level", "neuron: f1 at every level", "area under each curve"}
+    (pattern,) = curves["neuron: accuracy at every level"][1]
+    tags = ["eval/x/neuron/accuracy@0.50", "eval/x/neuron/accuracy@0.995", "eval/x/global/accuracy@0.50",
+            "eval/x/neuron/measured_sparsity@0.50", "evalXx/neuron/accuracy@0.50"]
+    assert [bool(re.search(pattern, tag)) for tag in tags] == [True, True, False, False, False]
+    metrics_at_epsilon = compressibility["metrics at the epsilon point"][1][0]
+    assert re.search(metrics_at_epsilon, "eval/x/at_epsilon/accuracy")
+    assert not re.search(metrics_at_epsilon, "eval/x/at_epsilon/ratio")
