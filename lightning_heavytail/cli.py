@@ -21,8 +21,9 @@ it writes is described there.
 
 This module imports neither torch nor Lightning: the flags are parsed and checked first, so ``--help`` and a bad
 flag answer at once; a bad flag exits with status 2 and a message naming the flag, the allowed values and the value
-given. Checks that need the package (the noise scale, the hardware flags, the data files, ``--out``) run next, all
-before training.
+given. Then ``--out`` is created (a file in the way or a directory that cannot be written is the same clean error),
+and the checks that need the package run (the noise scale, the hardware flags, the data files), all before training;
+a refused command removes the directories it created.
 
 Examples:
     >>> try:  # the message goes to stderr: "... error: argument --alpha: must be a number in (0, 2], got '3'"
@@ -35,6 +36,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -279,26 +281,29 @@ def _config(args: argparse.Namespace) -> DemoConfig:
 # ---------------------------------------------------------------------- checks after parsing
 
 
-def _check_data(config: DemoConfig) -> str | None:
-    """An error message if the dataset cannot be read (a missing extra, directory or file), else None."""
-    if config.dataset == "mnist5k":
-        from lightning_heavytail.data import check_mnist_sample
-
-        try:
-            check_mnist_sample()
-        except ImportError as err:
-            return f"argument --dataset: {err}"
+def _check_data_dir(config: DemoConfig) -> str | None:
+    """An error message if the dataset needs --data-dir and it is missing or not a directory, else None."""
     if config.dataset in FILE_DATASETS:
         if config.data_dir is None:
             return f"argument --data-dir: required for --dataset {config.dataset} (this command never downloads data)"
         if not os.path.isdir(os.path.expanduser(config.data_dir)):
             return f"argument --data-dir: not a directory: {config.data_dir!r}"
-        from lightning_heavytail.data import load_dataset
+    return None
 
-        try:
+
+def _check_data(config: DemoConfig) -> str | None:
+    """An error message if the dataset cannot be read (the data extra missing, a file missing), else None."""
+    from lightning_heavytail.data import check_mnist_sample, load_dataset
+
+    try:
+        if config.dataset == "mnist5k":
+            check_mnist_sample()
+        elif config.dataset in FILE_DATASETS:
             load_dataset(config.dataset, config.data_dir)
-        except (FileNotFoundError, ValueError) as err:
-            return f"argument --data-dir: {err}"
+    except ImportError as err:
+        return f"argument --dataset: {err}"
+    except (FileNotFoundError, ValueError) as err:
+        return f"argument --data-dir: {err}"
     return None
 
 
@@ -328,9 +333,15 @@ def _check_hardware(config: DemoConfig) -> str | None:
     return None
 
 
-def _check_out(out: str) -> str | None:
-    """Create ``out`` and a file in it; an error message if either fails (a file in the way, no permission, /proc)."""
+def _prepare_out(out: str) -> tuple[str | None, list[Path]]:
+    """Create ``out`` and a file in it.
+
+    Returns:
+        An error message if that fails (a file in the way, no permission, /proc), else None; and the directories
+        created, deepest first (``main`` removes them if a later check refuses the command).
+    """
     path = Path(os.path.expanduser(out))
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         if blocking is not None:
@@ -339,8 +350,15 @@ def _check_out(out: str) -> str | None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        return f"argument --out: cannot write the outputs to {out!r}: {err}"
-    return None
+        _remove_empty(created)
+        return f"argument --out: cannot write the outputs to {out!r}: {err}", []
+    return None, created
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not created after all, or no longer empty: leave it
+            directory.rmdir()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,11 +380,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     demo_parser: argparse.ArgumentParser = args.demo_parser
     config = _config(args)
-    # --out last: it creates the directory, which no earlier refusal should leave behind
-    for check in (_check_data, _check_noise_scale, _check_hardware, lambda c: _check_out(c.out)):
-        problem = check(config)
-        if problem is not None:
-            demo_parser.error(problem)
+    # the checks without imports first, so that these flag errors too answer at once
+    problem = _check_data_dir(config)
+    created: list[Path] = []
+    if problem is None:
+        problem, created = _prepare_out(config.out)
+    for check in (_check_noise_scale, _check_hardware, _check_data):  # these import torch and Lightning
+        problem = problem or check(config)
+    if problem is not None:
+        _remove_empty(created)  # a refused command leaves nothing behind
+        demo_parser.error(problem)
     from lightning_heavytail.demo import run_demo
 
     run_demo(config)

@@ -228,7 +228,7 @@ def resolved_hardware(config: DemoConfig) -> dict[str, Any]:
         strategy Lightning chose, e.g. ``"single_device"``).
 
     Raises:
-        Whatever Lightning raises for flags it refuses (e.g. ``--accelerator cuda`` without a GPU).
+        Exception: whatever Lightning raises for flags it refuses (e.g. ``--accelerator cuda`` without a GPU).
     """
     with demo_output():  # no "GPU available: ..." messages
         trainer = _trainer(config, logger=False, callbacks=[], steps_per_epoch=1)

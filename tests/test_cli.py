@@ -297,11 +297,12 @@ def test_missing_data_dir_is_a_clear_error(capsys, tmp_path):
     assert "data_batch_1" in capsys.readouterr().err
 
 
-def test_lightning_refusing_hardware_flags_exits_2(capsys, tmp_path):
+def test_lightning_refusing_hardware_flags_exits_2_and_leaves_no_directory(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
-        main(["demo", "--accelerator", "cuda", "--out", str(tmp_path)])
+        main(["demo", "--accelerator", "cuda", "--out", str(tmp_path / "new" / "runs")])
     assert info.value.code == 2
     assert "--accelerator" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # --out was created for the check, and removed when the command was refused
 
 
 def test_subcommand_required_and_help(capsys):
@@ -496,7 +497,8 @@ def test_a_hill_estimate_above_2_is_printed_as_such_and_explained(tiny_run):
     assert tail_index(44.25) == "> 2 (44.25)" and tail_index(1.5) == "1.5000" and tail_index(2.0) == "2.0000"
 
 
-@pytest.mark.parametrize("argv", [["demo", "--help"], ["demo", "--alpha", "3"], ["demo", "--structure", "x"]])
+@pytest.mark.parametrize("argv", [["demo", "--help"], ["demo", "--alpha", "3"], ["demo", "--structure", "x"],
+                                  ["demo", "--dataset", "mnist"], ["demo", "--out", "/proc/lightning-heavytail/x"]])
 def test_help_and_bad_flags_import_neither_torch_nor_lightning(argv):
     code = (
         "import json, sys\n"
@@ -513,4 +515,5 @@ def test_help_and_bad_flags_import_neither_torch_nor_lightning(argv):
     assert report["status"] == (0 if "--help" in argv else 2)
     assert report["heavy"] == []
     if "--help" not in argv:
-        assert f"argument {argv[1]}" in proc.stderr
+        flag = {"--dataset": "--data-dir"}.get(argv[1], argv[1])  # --dataset mnist: --data-dir is missing
+        assert f"argument {flag}" in proc.stderr
