@@ -9,6 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_heavytail.cli import DEMO_SPARSITIES, build_parser, main
+from tests.helpers import run_in_fresh_python
 
 TINY = ["--epochs", "2", "--width", "32", "--max-train-samples", "256", "--max-test-samples", "120",
         "--batch-size", "64", "--quiet", "--seeds", "2"]
@@ -510,8 +511,7 @@ def test_help_and_bad_flags_import_neither_torch_nor_lightning(argv):
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'numpy', 'matplotlib'))\n"
         "print(json.dumps({'status': status, 'heavy': heavy}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, proc = run_in_fresh_python(code)
     assert report["status"] == (0 if "--help" in argv else 2)
     assert report["heavy"] == []
     if "--help" not in argv:

@@ -1,14 +1,12 @@
 """The package's top level: lazy public names (PEP 562) and the names defined once in ``_names``."""
 
 import importlib
-import json
-import subprocess
-import sys
 
 import pytest
 
 import lightning_heavytail
 from lightning_heavytail import _names
+from tests.helpers import run_in_fresh_python
 
 PUBLIC = [
     "PRUNING_METHODS", "EpsilonPoint", "HeavyTailNoiseCallback", "PruneEvalCallback", "PruningCurve",
@@ -29,8 +27,7 @@ def test_import_loads_neither_torch_nor_lightning_until_a_name_is_used():
         "lightning_heavytail.sample_stable\n"
         "print(json.dumps({'before': before, 'after_dir': after_dir, 'after_use': heavy(), 'dir': names}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, _ = run_in_fresh_python(code)
     assert report["before"] == [] and report["after_dir"] == []
     assert report["after_use"] == ["numpy", "torch"]  # the sampler needs torch, not Lightning
     assert set(PUBLIC) <= set(report["dir"])
