@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -79,8 +80,8 @@ class DemoConfig:
         ('meanfield', 0.5, 0.1, 0.2)
         >>> DemoConfig(seed=3, seeds=2).seed_list()
         [3, 4]
-        >>> DemoConfig(width=64, devices=[0, 1]).command()
-        'lightning-heavytail demo --width 64 --devices 0,1'
+        >>> DemoConfig(width=64, devices=[0, 1], data_dir="~/my data").command()
+        "lightning-heavytail demo --data-dir '~/my data' --width 64 --devices 0,1"
     """
 
     dataset: str = "digits"
@@ -137,7 +138,12 @@ class DemoConfig:
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             parts += [f"--{field.name.replace('_', '-')}", str(value)]
-        return " ".join(parts)
+        return shlex.join(parts)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> DemoConfig:
+        """The settings parsed by ``build_parser()`` (``command()`` parsed back gives equal settings)."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
     def public(self) -> dict[str, Any]:
         """The settings recorded in ``results.json`` (not the output directory, so equal seeds give equal files)."""
@@ -274,10 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> DemoConfig:
-    return DemoConfig(**{field.name: getattr(args, field.name) for field in fields(DemoConfig)})
-
-
 # ---------------------------------------------------------------------- checks after parsing
 
 
@@ -379,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     demo_parser: argparse.ArgumentParser = args.demo_parser
-    config = _config(args)
+    config = DemoConfig.from_namespace(args)
     # the checks without imports first, so that these flag errors too answer at once
     problem = _check_data_dir(config)
     created: list[Path] = []

@@ -355,7 +355,7 @@ def test_results_json_stores_what_ran_and_the_command_that_repeats_it(tiny_run):
     import lightning
     import torch
 
-    from lightning_heavytail.cli import DemoConfig, _config
+    from lightning_heavytail.cli import DemoConfig
 
     _, out, _, _ = tiny_run
     cfg = json.loads((out / "results.json").read_text())["config"]
@@ -370,7 +370,7 @@ def test_results_json_stores_what_ran_and_the_command_that_repeats_it(tiny_run):
     # the stored command parses back to the same settings
     args = shlex.split(cfg["command"])
     assert args[:2] == ["lightning-heavytail", "demo"]
-    again = _config(build_parser().parse_args(args[1:]))
+    again = DemoConfig.from_namespace(build_parser().parse_args(args[1:]))
     expected = DemoConfig(width=32, epochs=2, batch_size=64, seeds=2, max_train_samples=256, max_test_samples=120)
     assert again.public() == expected.public()
     assert {key: cfg[key] for key in expected.public() if key not in ("accelerator", "devices", "strategy")} == {
