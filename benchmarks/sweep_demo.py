@@ -1,6 +1,6 @@
 """The sweep behind the demo's defaults: noise level sigma x width x seeds, measured the paper's way.
 
-Every run is one run of ``lightning-heavytail demo`` (``lightning_heavytail.cli.train_run``: the same model, full-batch
+Every run is one run of ``lightning-heavytail demo`` (``lightning_heavytail.demo.train_run``: the same model, full-batch
 SGD, stopping rule, noise callback and epsilon point), so the table reads like the demo's. For each model and width,
 the vanilla runs (sigma 0) are trained once per seed and shared by every sigma; each heavy-tailed run starts from the
 same initialization as the vanilla run of its seed.
@@ -30,7 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_heavytail.cli import MODEL_DEFAULTS, DemoConfig, _quiet, demo_datamodule, train_run
+from lightning_heavytail.cli import MODEL_DEFAULTS, DemoConfig
+from lightning_heavytail.demo import demo_datamodule, demo_output, train_run
 from lightning_heavytail.pruning import evaluate_at_ratios
 
 
@@ -48,7 +49,8 @@ def sweep(model: str, dataset: str, widths: Sequence[int], sigmas: Sequence[floa
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for width in widths:
-            base = DemoConfig(dataset=dataset, model=model, width=width, lr=lr, alpha=alpha, seeds=seeds, out=out)
+            base = DemoConfig(dataset=dataset, model=model, width=width, lr=lr, alpha=alpha, seeds=seeds, out=out,
+                              quiet=True)
             datamodule = demo_datamodule(base)
             by_sigma: dict[float, list[dict[str, Any]]] = {}
             for seed in base.seed_list():
@@ -122,15 +124,15 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.75)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
-    _quiet(False)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch threads"
-          f" {__import__('torch').get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    started = time.perf_counter()
-    rows = []
-    for model in [args.model] if args.model else list(DEFAULT_PLAN):
-        widths, sigmas = DEFAULT_PLAN[model]
-        rows += sweep(model, args.dataset, args.widths or widths, args.sigmas or sigmas, args.seeds, args.lr,
-                      args.alpha)
+    with demo_output():
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch threads"
+              f" {__import__('torch').get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        started = time.perf_counter()
+        rows = []
+        for model in [args.model] if args.model else list(DEFAULT_PLAN):
+            widths, sigmas = DEFAULT_PLAN[model]
+            rows += sweep(model, args.dataset, args.widths or widths, args.sigmas or sigmas, args.seeds, args.lr,
+                          args.alpha)
     print(table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_heavytail import HeavyTailNoiseCallback, PruneEvalCallback
+from lightning_heavytail.known_warnings import ignore_known_warnings
 
 
 class DigitsMLP(pl.LightningModule):
@@ -128,4 +129,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with ignore_known_warnings():  # Lightning/torch warnings no user can act on; yours still show
+        main()

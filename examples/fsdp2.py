@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_heavytail import HeavyTailNoiseCallback, fraction_prunable
 from lightning_heavytail.data import ClassificationDataModule
+from lightning_heavytail.known_warnings import ignore_known_warnings
 from lightning_heavytail.models import BiasFreeMLP, Classifier
 
 
@@ -136,4 +137,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    with ignore_known_warnings():  # Lightning/torch warnings no user can act on; yours still show
+        main()

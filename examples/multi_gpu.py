@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_heavytail import HeavyTailNoiseCallback, PruneEvalCallback, evaluate_pruning_curve
 from lightning_heavytail.data import ClassificationDataModule
+from lightning_heavytail.known_warnings import ignore_known_warnings
 from lightning_heavytail.models import BiasFreeMLP, Classifier
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
@@ -177,4 +178,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    with ignore_known_warnings():  # Lightning/torch warnings no user can act on; yours still show
+        main()

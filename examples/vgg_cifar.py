@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_heavytail import HeavyTailNoiseCallback, PruneEvalCallback, select_parameters
 from lightning_heavytail.data import ClassificationDataModule
+from lightning_heavytail.known_warnings import ignore_known_warnings
 from lightning_heavytail.models import Classifier, VGG11Wide
 
 
@@ -117,4 +118,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with ignore_known_warnings():  # Lightning/torch warnings no user can act on; yours still show
+        main()

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_heavytail._checks import check_choice, check_int
+from lightning_heavytail._names import DATASETS
 
 __all__ = [
     "CIFAR10_FILES",
@@ -51,8 +52,6 @@ __all__ = [
     "read_idx",
 ]
 
-DATASETS = ("digits", "mnist5k", "mnist", "cifar10")
-"""The names ``load_dataset`` accepts."""
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",

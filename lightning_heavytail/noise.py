@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_heavytail._checks import check_alpha, check_choice, check_int, check_noise_scale, check_positive_finite
+from lightning_heavytail._names import NOISE_STRUCTURES, NoiseStructure
 from lightning_heavytail._noise_draws import NoiseTarget, name_key, noise_key, standard_noise
 from lightning_heavytail._noise_plan import NoisePlan, NoiseStats, NonFiniteParameterError
 from lightning_heavytail._tensors import compute_dtype
@@ -55,9 +56,7 @@ __all__ = [
     "noise_scale",
 ]
 
-NoiseStructure = Literal["iid", "neuron", "elliptical"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
-NOISE_STRUCTURES: tuple[str, ...] = get_args(NoiseStructure)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 
 

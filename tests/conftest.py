@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
+
+from lightning_heavytail.known_warnings import KNOWN_WARNINGS, pythonwarnings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hide the warnings Lightning and torch print on this package's code paths (``KNOWN_WARNINGS``), and only those.
+
+    In the test process through pytest's own filters; in the processes the tests start (ddp_spawn children, the
+    examples run as scripts) through ``PYTHONWARNINGS``, which they inherit.
+    """
+    for message in KNOWN_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(message)}")
+    os.environ["PYTHONWARNINGS"] = pythonwarnings(os.environ.get("PYTHONWARNINGS"))
 
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
 

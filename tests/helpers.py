@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,3 +66,14 @@ def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
 
 def weights(module: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def run_in_fresh_python(code: str) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    """Run ``code`` in a new interpreter; return the JSON its last line of stdout prints, and the finished process.
+
+    For what only a fresh process shows: which modules an import loads, which warning filters it installs.
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1]), proc

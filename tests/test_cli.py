@@ -1,4 +1,6 @@
 import json
+import os
+import shlex
 import subprocess
 import sys
 
@@ -7,9 +9,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_heavytail.cli import DEMO_SPARSITIES, build_parser, main
+from tests.helpers import run_in_fresh_python
 
 TINY = ["--epochs", "2", "--width", "32", "--max-train-samples", "256", "--max-test-samples", "120",
-        "--batch-size", "64", "--seeds", "2"]
+        "--batch-size", "64", "--quiet", "--seeds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +21,10 @@ def tiny_run(tmp_path_factory):
     import contextlib
     import io
 
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    buffer, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(errors):
         code = main(["demo", *TINY, "--out", str(out)])
-    return code, out, buffer.getvalue()
+    return code, out, buffer.getvalue(), errors.getvalue()
 
 
 def spread(values):
@@ -36,7 +39,7 @@ def check_spread(stat, values):
 
 
 def test_demo_writes_results_consistent_with_history(tiny_run):
-    code, out, _ = tiny_run
+    code, out, _, _ = tiny_run
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert {"config", "vanilla", "heavytail", "summary"} <= set(results)
@@ -86,14 +89,15 @@ def test_vanilla_at_the_heavytail_ratio_is_the_vanilla_model_pruned_to_that_rati
     # the demo's number, recomputed: vanilla retrained (deterministic) and pruned to heavytail's per-layer ratios
     import torch
 
-    from lightning_heavytail.cli import DemoConfig, demo_datamodule, train_run
+    from lightning_heavytail.cli import DemoConfig
+    from lightning_heavytail.demo import demo_datamodule, train_run
     from lightning_heavytail.pruning import evaluate_pruning_curve
 
-    _, out, _ = tiny_run
+    _, out, _, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     run_ht, run_v = results["heavytail"]["runs"][0], results["vanilla"]["runs"][0]
     config = DemoConfig(width=32, epochs=2, batch_size=64, seeds=1, max_train_samples=256, max_test_samples=120,
-                        out=str(out / "again"))
+                        out=str(out / "again"), quiet=True)
     dm = demo_datamodule(config)
     net, record = train_run("vanilla", 0, config, dm)
     assert record["accuracy"] == run_v["accuracy"]
@@ -105,7 +109,7 @@ def test_vanilla_at_the_heavytail_ratio_is_the_vanilla_model_pruned_to_that_rati
 
 
 def test_demo_prints_table_verdict_and_tensorboard_hint(tiny_run):
-    _, out, printed = tiny_run
+    _, out, printed, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
     assert "over 2 seed(s) (0, 1)" in printed
@@ -139,7 +143,7 @@ def make_summary(van_ratio, ht_ratio, ht_acc, ht_eps_acc, van_at_ratio):
 
 
 def test_the_verdict_states_an_effect_only_beyond_the_seed_spread():
-    from lightning_heavytail.cli import _verdict
+    from lightning_heavytail._demo_report import verdict as _verdict
 
     clear = _verdict(make_summary([0.33, 0.34, 0.35], [0.50, 0.55, 0.60], [0.94, 0.94, 0.95], [0.93, 0.94, 0.94],
                                   [0.935, 0.945, 0.935]))
@@ -162,7 +166,7 @@ def test_demo_stops_at_the_training_accuracy_and_evaluates_the_final_model(tmp_p
     # --stop-at 0.5 is reached within the first epochs: the runs end early, and the pruning evaluation is of the final
     # model (the demo checks this itself: the epsilon ratio must equal the last evaluation's fraction prunable)
     assert main(["demo", "--width", "64", "--max-train-samples", "256", "--max-test-samples", "120", "--seeds", "1",
-                 "--stop-at", "0.5", "--epochs", "50", "--out", str(tmp_path)]) == 0
+                 "--stop-at", "0.5", "--epochs", "50", "--quiet", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     results = json.loads((tmp_path / "results.json").read_text())
     for name in ("vanilla", "heavytail"):
@@ -175,7 +179,7 @@ def test_demo_stops_at_the_training_accuracy_and_evaluates_the_final_model(tmp_p
 
 def test_demo_standard_model(tmp_path, capsys):
     assert main(["demo", "--model", "standard", "--width", "32", "--max-train-samples", "256", "--max-test-samples",
-                 "120", "--seeds", "1", "--epochs", "3", "--out", str(tmp_path)]) == 0
+                 "120", "--seeds", "1", "--epochs", "3", "--quiet", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["config"]["model"], results["config"]["lr"], results["config"]["sigma"]) == ("standard", 0.2, 0.01)
@@ -184,7 +188,7 @@ def test_demo_standard_model(tmp_path, capsys):
 
 
 def test_demo_png_and_tensorboard_events(tiny_run):
-    _, out, _ = tiny_run
+    _, out, _, _ = tiny_run
     png = (out / "pruning_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     for name in ("vanilla", "heavytail"):
@@ -202,14 +206,14 @@ def test_demo_png_and_tensorboard_events(tiny_run):
 
 
 def test_demo_is_deterministic(tiny_run, tmp_path, capsys):
-    _, out, _ = tiny_run
+    _, out, _, _ = tiny_run
     assert main(["demo", *TINY, "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()
 
 
 def test_demo_other_seed_differs(tiny_run, tmp_path, capsys):
-    _, out, _ = tiny_run
+    _, out, _, _ = tiny_run
     assert main(["demo", *TINY, "--seed", "1", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     a = json.loads((out / "results.json").read_text())
@@ -250,20 +254,32 @@ def test_bad_flags_exit_2_naming_the_flag(flag, value, expected, capsys, tmp_pat
     assert not (tmp_path / "results.json").exists()
 
 
-def test_an_overflowing_noise_scale_and_an_out_that_is_a_file_exit_2_before_training(capsys, tmp_path):
+def test_an_overflowing_noise_scale_exits_2_before_training(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:  # 1e6 * 10**(1/0.1) = 1e16, above the 1e15 bound
         main(["demo", "--alpha", "0.1", "--lr", "10", "--sigma", "1e6", "--out", str(tmp_path)])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--sigma/--lr/--alpha" in err and "at most 1e+15" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file", "/proc"])
+def test_an_out_that_cannot_be_written_is_one_clean_error_before_training(where, capsys, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
+    out = {"a file": afile, "inside a file": afile / "runs", "/proc": "/proc/lightning-heavytail-test/runs"}[where]
     with pytest.raises(SystemExit) as info:
-        main(["demo", "--out", str(afile / "runs")])
+        main(["demo", "--quiet", "--out", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --out" in err and "is not a directory" in err
-    assert not list(tmp_path.glob("**/results.json"))
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line: the message
+    assert last.startswith("lightning-heavytail demo: error: argument --out: cannot write the outputs to"
+                           f" {str(out)!r}: ")
+    assert "Traceback" not in err
+    if where != "/proc":
+        assert f"{str(afile)!r} exists and is not a directory" in err
+    assert not os.path.exists("/proc/lightning-heavytail-test")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and afile.read_text() == ""
 
 
 def test_missing_data_dir_is_a_clear_error(capsys, tmp_path):
@@ -282,11 +298,12 @@ def test_missing_data_dir_is_a_clear_error(capsys, tmp_path):
     assert "data_batch_1" in capsys.readouterr().err
 
 
-def test_lightning_refusing_hardware_flags_exits_2(capsys, tmp_path):
+def test_lightning_refusing_hardware_flags_exits_2_and_leaves_no_directory(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
-        main(["demo", "--accelerator", "cuda", "--out", str(tmp_path)])
+        main(["demo", "--accelerator", "cuda", "--out", str(tmp_path / "new" / "runs")])
     assert info.value.code == 2
     assert "--accelerator" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # --out was created for the check, and removed when the command was refused
 
 
 def test_subcommand_required_and_help(capsys):
@@ -322,10 +339,181 @@ def test_demo_ddp_spawn_two_processes(tmp_path, capfd):
     assert printed.count("test accuracy under neuron pruning") == 1
     assert printed.count("more compressible") == 1
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["config"]["devices"] == "2" and results["config"]["strategy"] == "ddp_spawn"
+    cfg = results["config"]
+    assert (cfg["devices"], cfg["device_ids"], cfg["world_size"], cfg["accelerator"], cfg["strategy"]) == (
+        2, [0, 1], 2, "cpu", "ddp_spawn")
+    assert cfg["requested"] == {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}
     for name in ("vanilla", "heavytail"):
         assert len(results[name]["accuracy"]) == len(DEMO_SPARSITIES)
         # 256 samples, batch 64 per rank, 2 ranks: 2 steps per epoch
         assert results[name]["runs"][0]["global_step"] == 4
         assert 0.0 <= results["summary"][name]["epsilon_ratio"]["mean"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heavytail", "pruning_curves.png", "results.json", "vanilla"]
+
+
+def test_results_json_stores_what_ran_and_the_command_that_repeats_it(tiny_run):
+    import lightning
+    import torch
+
+    from lightning_heavytail.cli import DemoConfig
+
+    _, out, _, _ = tiny_run
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    # resolved by Lightning, not the flags: an int count, the accelerator and strategy that ran
+    assert cfg["devices"] == 1 and isinstance(cfg["devices"], int) and cfg["device_ids"] == [0]
+    assert (cfg["accelerator"], cfg["strategy"], cfg["world_size"], cfg["num_nodes"]) == ("cpu", "single_device", 1, 1)
+    assert cfg["requested"] == {"accelerator": "auto", "devices": 1, "strategy": "auto"}
+    # the data as used: 256 training samples in batches of 64, 120 test samples
+    assert cfg["data"] == {"train_samples": 256, "test_samples": 120, "batch_size": 64, "in_features": 64,
+                           "num_classes": 10}
+    assert cfg["versions"]["torch"] == torch.__version__ and cfg["versions"]["lightning"] == lightning.__version__
+    # the stored command parses back to the same settings
+    args = shlex.split(cfg["command"])
+    assert args[:2] == ["lightning-heavytail", "demo"]
+    again = DemoConfig.from_namespace(build_parser().parse_args(args[1:]))
+    expected = DemoConfig(width=32, epochs=2, batch_size=64, seeds=2, max_train_samples=256, max_test_samples=120)
+    assert again.public() == expected.public()
+    assert {key: cfg[key] for key in expected.public() if key not in ("accelerator", "devices", "strategy")} == {
+        key: value for key, value in expected.public().items() if key not in ("accelerator", "devices", "strategy")}
+
+
+def test_the_two_runs_write_different_hparams_and_the_noise_settings_are_the_callbacks(tiny_run):
+    import yaml
+
+    from lightning_heavytail import HeavyTailNoiseCallback
+
+    _, out, _, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    for seed_index, seed in enumerate((0, 1)):
+        read = {name: yaml.safe_load((out / results[name]["runs"][seed_index]["log_dir"] / "hparams.yaml").read_text())
+                for name in ("vanilla", "heavytail")}
+        vanilla, heavy = read["vanilla"], read["heavytail"]
+        assert vanilla != heavy
+        assert (vanilla["demo/run"], heavy["demo/run"]) == ("vanilla", "heavytail")
+        assert vanilla["demo/seed"] == heavy["demo/seed"] == seed
+        # the vanilla run states that it has no noise, and carries none of the callback's other settings
+        assert vanilla["demo/noise"] == "none (plain SGD)" and vanilla["heavytail/sigma"] == 0.0
+        assert [key for key in vanilla if key.startswith("heavytail/")] == ["heavytail/sigma"]
+        # the heavy-tailed run's noise settings are exactly HeavyTailNoiseCallback.hparams() (seed resolved)
+        callback = HeavyTailNoiseCallback(alpha=1.75, sigma=0.1, structure="neuron", params="paper", seed=seed)
+        assert {key: heavy[key] for key in heavy if key.startswith("heavytail/")} == callback.hparams()
+        # both keep the module's hyperparameters
+        assert vanilla["lr"] == heavy["lr"] == 0.5 and vanilla["val_name"] == "train_full"
+
+
+def test_progress_on_stderr_by_default_and_off_with_quiet(tiny_run, tmp_path, capsys):
+    _, _, printed, quiet_errors = tiny_run
+    assert quiet_errors == ""  # --quiet: nothing on stderr
+    assert "the paper's measurement" in printed
+    assert main(["demo", "--width", "32", "--max-train-samples", "256", "--max-test-samples", "120", "--seeds", "1",
+                 "--epochs", "2", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    lines = [line.strip() for line in captured.err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[0].startswith("digits: 256 training and 120 test samples; 2 runs (vanilla, heavytail x 1 seed(s))")
+    results = json.loads((tmp_path / "results.json").read_text())
+    for index, name in enumerate(("vanilla", "heavytail"), start=1):
+        label = f"[{index}/2] {name}, seed 0: "
+        shown = [line for line in lines if line.startswith(label)]
+        # every epoch, with the training accuracy the stopping rule checks
+        assert any("epoch 1, step 1, training accuracy" in line for line in shown)
+        assert any("epoch 2, step 2, training accuracy" in line and "(stops above 0.95)" in line for line in shown)
+        # the pruning evaluation as it happens: announced, then what it found
+        evaluating = next(i for i, line in enumerate(shown) if "pruning: evaluating neuron and global" in line)
+        found = next(line for line in shown[evaluating:] if "pruning: accuracy AUC" in line)
+        run = results[name]["runs"][0]
+        assert f"epsilon ratio {run['epsilon_point']['ratio']:.4f}" in found
+        assert f"accuracy AUC {run['auc']:.4f}" in found
+        done = next(line for line in lines if line.startswith(f"{name}, seed 0: 2 steps, test accuracy"))
+        assert f"accuracy at the epsilon point {run['epsilon_point']['metrics']['accuracy']:.4f}" in done
+    assert "Traceback" not in captured.err and "GPU available" not in captured.err
+    assert "the paper's measurement" in captured.out and "the paper's measurement" not in captured.err
+
+
+def test_the_demo_hides_the_known_lightning_warnings_and_a_plain_fit_shows_them(tmp_path):
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from tests.helpers import MLP
+
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path).fit(MLP())
+    assert any("LeafSpec" in str(w.message) for w in plain)  # so the check below can fail
+    with warnings.catch_warnings(record=True) as demo:
+        warnings.simplefilter("always")
+        assert main(["demo", "--width", "16", "--max-train-samples", "64", "--max-test-samples", "50", "--seeds", "1",
+                     "--epochs", "1", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    messages = [str(w.message) for w in demo]
+    assert not any("LeafSpec" in m or "does not have many workers" in m for m in messages), messages
+
+
+def test_the_figure_spreads_the_high_sparsities_and_its_markers_do_not_overlap(tiny_run):
+    import math
+
+    from lightning_heavytail._demo_report import SPARSITY_TICKS, plot, sparsity_axis
+
+    _, out, _, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    figure = plot(results)
+    figure.canvas.draw()
+    for ax in figure.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == ["0", "0.5", "0.8", "0.9", "0.95", "0.98", "0.99"]
+        assert list(ax.get_xticks()) == pytest.approx([-math.log10(1 - s) for s in SPARSITY_TICKS])
+        # 0.9 -> 0.99 gets as much room as 0 -> 0.9
+        assert sparsity_axis(0.99) - sparsity_axis(0.9) == pytest.approx(sparsity_axis(0.9) - sparsity_axis(0.0))
+        curves = {line.get_label(): line for line in ax.get_lines()}
+        van, ht = curves["vanilla"], curves["heavytail"]
+        assert list(van.get_xdata()) == pytest.approx([sparsity_axis(s) for s in (
+            results["vanilla"]["sparsity"] if ax is figure.axes[0] else results["vanilla"]["global"]["sparsity"])])
+        # markers of the two runs at the same level: centres at least one marker apart on the screen
+        diameter = van.get_markersize() * figure.dpi / 72
+        a = van.get_transform().transform(van.get_xydata())
+        b = ht.get_transform().transform(ht.get_xydata())
+        assert min(float(np.hypot(*(p - q))) for p, q in zip(a, b, strict=True)) >= diameter
+    # the epsilon point of each run is marked on the neuron panel, where its ratio is
+    marks = {line.get_label(): line for line in figure.axes[0].get_lines() if "epsilon point" in line.get_label()}
+    assert len(marks) == 2
+    for name in ("vanilla", "heavytail"):
+        ratio = results["summary"][name]["epsilon_ratio"]["mean"]
+        mark = marks[f"{name}, epsilon point ({ratio:.2f} pruned)"]
+        assert mark.get_xdata()[0] == pytest.approx(sparsity_axis(ratio))
+        assert mark.get_ydata()[0] == pytest.approx(results["summary"][name]["epsilon_accuracy"]["mean"])
+
+
+def test_a_hill_estimate_above_2_is_printed_as_such_and_explained(tiny_run):
+    from lightning_heavytail._demo_report import TAIL_INDEX_NOTE, tail_index
+
+    _, out, printed, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    row = next(line for line in printed.splitlines() if "alpha per unit (Hill)" in line)
+    cells = [cell.strip() for cell in row.split("|")[1:]]
+    for name, cell in zip(("vanilla", "heavytail"), cells, strict=True):
+        value = results[name]["compressibility"]["alpha_hill_units"]
+        assert cell == tail_index(value)
+        assert cell.startswith("> 2 (") == (value > 2)  # never a bare number above 2
+    assert TAIL_INDEX_NOTE in printed
+    assert tail_index(44.25) == "> 2 (44.25)" and tail_index(1.5) == "1.5000" and tail_index(2.0) == "2.0000"
+
+
+@pytest.mark.parametrize("argv", [["demo", "--help"], ["demo", "--alpha", "3"], ["demo", "--structure", "x"],
+                                  ["demo", "--dataset", "mnist"], ["demo", "--out", "/proc/lightning-heavytail/x"]])
+def test_help_and_bad_flags_import_neither_torch_nor_lightning(argv):
+    code = (
+        "import json, sys\n"
+        "from lightning_heavytail.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'numpy', 'matplotlib'))\n"
+        "print(json.dumps({'status': status, 'heavy': heavy}))\n"
+    )
+    report, proc = run_in_fresh_python(code)
+    assert report["status"] == (0 if "--help" in argv else 2)
+    assert report["heavy"] == []
+    if "--help" not in argv:
+        flag = {"--dataset": "--data-dir"}.get(argv[1], argv[1])  # --dataset mnist: --data-dir is missing
+        assert f"argument {flag}" in proc.stderr

@@ -6,6 +6,7 @@ like one script. Shell commands belong in ```bash blocks and output in ```text b
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import subprocess
@@ -23,13 +24,16 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+# a block that only includes a file (pymdownx.snippets, the Examples page): the file runs in its own tests
+_SNIPPET = re.compile(r'--8<-- "[^"]+"')
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
     """The ```python blocks of a markdown text: (1-based line of the opening fence, source), in order.
 
     The source is padded with blank lines so that line numbers in tracebacks are line numbers of the markdown file.
-    Blocks indented inside list items are dedented.
+    Blocks indented inside list items are dedented. A block that only includes a file (``--8<-- "examples/x.py"``,
+    pymdownx.snippets) is left out: that file is tested where it lives.
     """
     lines = text.splitlines()
     blocks: list[tuple[int, str]] = []
@@ -43,8 +47,8 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
         end = i + 1
         while end < len(lines) and not lines[end].strip().startswith(fence):
             end += 1
-        if match["info"].lower() in ("python", "py", "python3"):
-            body = textwrap.dedent("\n".join(lines[i + 1 : end]))
+        body = textwrap.dedent("\n".join(lines[i + 1 : end]))
+        if match["info"].lower() in ("python", "py", "python3") and not _SNIPPET.fullmatch(body.strip()):
             blocks.append((i + 1, "\n" * (i + 1) + body + "\n"))
         i = end + 1
     return blocks
@@ -143,3 +147,30 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert "Chambers-Mallows-Stuck" in api, "the docstring of lightning_heavytail.stable was not rendered"
     assert "::: lightning_heavytail" not in api, "an mkdocstrings directive was left unrendered"
     assert elapsed < 120, f"mkdocs build took {elapsed:.0f} s"
+    # the home page shows the demo's figure, and the built site holds the image
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'src="img/demo_pruning_curves.png"' in home
+    figure = (ROOT / "docs" / "img" / "demo_pruning_curves.png").read_bytes()
+    assert (site / "img" / "demo_pruning_curves.png").read_bytes() == figure
+    # the Examples page holds every example's source (included from examples/, so never out of date)
+    examples = (site / "examples" / "index.html").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        first_line = script.read_text(encoding="utf-8").splitlines()[0].strip('"')
+        assert html.escape(first_line, quote=False)[:60] in examples, f"{script.name}'s source is not on the page"
+    assert "--8<--" not in examples, "a snippet include was left unrendered"
+
+
+def test_the_examples_page_lists_every_example_with_its_command_and_source() -> None:
+    page = (ROOT / "docs" / "examples.md").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        name = script.name
+        assert f"## {name}" in page, f"docs/examples.md has no section for {name}"
+        assert f"(#{name.replace('.', '')})" in page, f"the table of docs/examples.md does not link {name}"
+        assert f"python examples/{name} " in page, f"docs/examples.md shows no command for {name}"
+        assert f'--8<-- "examples/{name}"' in page, f"docs/examples.md does not include the source of {name}"
+
+
+def test_readme_says_how_to_get_the_cpu_wheel_elsewhere() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "pip install torch==2.13.0 && pip install -e . && lightning-heavytail demo" in readme

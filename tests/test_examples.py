@@ -104,6 +104,22 @@ def test_cli_config_fit_runs_both_callbacks(tmp_path, monkeypatch):
     assert (Path(trainer.log_dir) / "config.yaml").is_file()  # LightningCLI saved the resolved config
 
 
+def test_cli_without_its_extra_names_the_extra(tmp_path):
+    # a jsonargparse older than LightningCLI needs shadows the installed one (its metadata come first on the path)
+    old = tmp_path / "jsonargparse-4.0.0.dist-info"
+    old.mkdir()
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: jsonargparse\nVersion: 4.0.0\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "examples/cli.py", "fit", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert 'pip install -e ".[cli]"' in proc.stderr and "jsonargparse[signatures]>=4.27.7" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # the extra it names exists and installs what LightningCLI checks; the examples' README names it too
+    assert 'cli = ["jsonargparse[signatures]>=4.27.7"]' in (ROOT / "pyproject.toml").read_text().splitlines()
+    assert 'pip install -e ".[cli]"' in (EXAMPLES / "README.md").read_text()
+
+
 def _write_fake_cifar10(directory: Path, per_batch: int = 20) -> None:
     """Tiny CIFAR-10 in the real format: pickled dicts with bytes keys, uint8 data (N, 3072), a list of labels."""
     directory.mkdir(parents=True)

@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_heavytail._checks import check_alpha, check_bool, check_choice, check_int, check_positive_finite
+from lightning_heavytail._names import NOISE_STRUCTURES, NoiseStructure
 from lightning_heavytail.callbacks._noise_support import (
     SETTINGS,
     broadcast_from_rank_zero,
@@ -28,10 +29,8 @@ from lightning_heavytail.callbacks._noise_support import (
     step_calls_on_stack,
 )
 from lightning_heavytail.noise import (
-    NOISE_STRUCTURES,
     NONFINITE_POLICIES,
     NoisePlan,
-    NoiseStructure,
     NonFinitePolicy,
     check_noise_scale,
     noise_scale,
