@@ -6,13 +6,13 @@ tables and the verdict can be checked on hand-made numbers.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_heavytail.cli import EPSILON
+from lightning_heavytail._plotting import label_sparsity_axis, sparsity_axis
+from lightning_heavytail.cli import DEMO_SPARSITIES, EPSILON
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -226,19 +226,7 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 
-SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
-"""The labelled sparsities of the figure's x axis."""
 _MARKER_POINTS = 5.0  # marker size; the two runs' markers sit this far apart and more (see plot)
-
-
-def sparsity_axis(sparsity: float) -> float:
-    """The figure's x coordinate of a sparsity: ``-log10(1 - s)``, which gives 0.9, 0.99 and 0.999 equal room.
-
-    Examples:
-        >>> [round(sparsity_axis(s), 3) for s in (0.0, 0.5, 0.9, 0.99)]
-        [0.0, 0.301, 1.0, 2.0]
-    """
-    return 0.0 - math.log10(max(1.0 - sparsity, 1e-3))  # 0.0 - x, not -x: no -0.0; sparsity 1 drawn at 0.999
 
 
 def plot(results: dict[str, Any], path: Path | None = None) -> Figure:
@@ -270,10 +258,8 @@ def plot(results: dict[str, Any], path: Path | None = None) -> Figure:
                         markeredgecolor="black", color=line.get_color(), transform=moved,
                         label=f"{name}, epsilon point ({ratio:.2f} pruned)")
         ax.set_title(title)
-        ax.set_xlabel("measured sparsity of the hidden layer")
+        label_sparsity_axis(ax, DEMO_SPARSITIES, "measured sparsity of the hidden layer")  # the levels asked for
         ax.set_ylabel("test accuracy")
-        ax.set_xticks([sparsity_axis(s) for s in SPARSITY_TICKS], [f"{s:g}" for s in SPARSITY_TICKS])
-        ax.set_xlim(-0.08, max(2.0, *(x for line in ax.get_lines() for x in line.get_xdata())) + 0.08)
         ax.set_ylim(0.0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize="small")

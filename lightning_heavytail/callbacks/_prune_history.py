@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_heavytail._extras import import_optional
+from lightning_heavytail._plotting import label_sparsity_axis, sparsity_axis
 from lightning_heavytail.pruning import DEFAULT_METRIC_KEY, REGISTRY, EpsilonPoint, PruningCurve, tensor_view
 
 
@@ -207,31 +207,6 @@ def write_history(records: Sequence[EvaluationRecord], methods: Sequence[str], d
         f.write(buffer.getvalue())
 
 
-def sparsity_axis(sparsities: Sequence[float]) -> list[float]:
-    """Positions on a sparsity axis that spreads the high end: ``-log10(1 - s)``.
-
-    0.9, 0.99 and 0.999 are then equally far apart, and 0 stays at 0.
-
-    Examples:
-        >>> [round(x, 3) for x in sparsity_axis([0.0, 0.9, 0.99])]
-        [0.0, 1.0, 2.0]
-    """
-    return [abs(math.log10(max(1.0 - float(s), 1e-6))) for s in sparsities]  # abs: 0, not -0, at s = 0
-
-
-_SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
-
-
-def spread_high_sparsity(ax: Any, highest: float) -> None:
-    """Label an axis drawn with ``sparsity_axis`` in sparsities (ticks up to just past ``highest``)."""
-    ticks = [t for t in _SPARSITY_TICKS if t <= max(highest, 0.9) + 1e-12]
-    if len(ticks) < len(_SPARSITY_TICKS):
-        ticks.append(_SPARSITY_TICKS[len(ticks)])
-    ax.set_xticks(sparsity_axis(ticks), [f"{t:g}" for t in ticks])
-    ax.set_xlim(0.0, sparsity_axis([ticks[-1]])[0])
-    ax.set_xlabel("measured sparsity (axis: -log10(1 - s))")
-
-
 def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], method: str, title: str) -> Any:
     """A matplotlib Figure of ``method``'s curves, one line per evaluated epoch, its epsilon point as a star.
 
@@ -260,15 +235,16 @@ def curves_figure(history: Sequence[EvaluationRecord | Mapping[str, Any]], metho
         for record in entries:
             curve, placed, color = record.curves[method], record.at_epsilon, mappable.to_rgba(record.epoch)
             if name in curve.metrics:
-                ax.plot(sparsity_axis(curve.sparsities), curve.metrics[name], marker="o", markersize=3, color=color,
-                        alpha=0.85, label=f"epoch {record.epoch}")
+                xs = [sparsity_axis(s) for s in curve.sparsities]
+                ax.plot(xs, curve.metrics[name], marker="o", markersize=3, color=color, alpha=0.85,
+                        label=f"epoch {record.epoch}")
             if placed is not None and name in placed.point.metrics:
                 x = placed.sparsity if in_place else placed.removed
-                ax.plot(sparsity_axis([x]), [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
+                ax.plot([sparsity_axis(x)], [placed.point.metrics[name]], marker="*", markersize=12, linestyle="none",
                         color=color, markeredgecolor="black",
                         label=None if starred else f"epsilon point (epsilon={placed.point.epsilon:g})")
                 starred = True
-        spread_high_sparsity(ax, max((max(r.curves[method].sparsities) for r in entries), default=0.9))
+        label_sparsity_axis(ax, [s for record in entries for s in record.curves[method].sparsities])
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     if len(entries) <= 6:

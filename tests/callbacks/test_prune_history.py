@@ -11,13 +11,13 @@ import pytest
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_heavytail._extras import REQUIREMENTS
+from lightning_heavytail._plotting import sparsity_axis
 from lightning_heavytail.callbacks._prune_history import (
     EpsilonRecord,
     EvaluationRecord,
     curves_figure,
     render_curves,
     scalars_layout,
-    sparsity_axis,
     write_history,
 )
 from lightning_heavytail.pruning import EpsilonPoint, PruningCurve
@@ -98,7 +98,7 @@ def test_the_figure_marks_the_epsilon_point_on_each_curve(method: str) -> None:
     figure = curves_figure(history, method, "t")
     stars = [line for line in figure.axes[0].lines if line.get_marker() == "*"]
     # on this method's x-axis, which spreads the high sparsities: -log10(1 - s)
-    x = sparsity_axis([0.2 if method == "structured" else 0.3])[0]
+    x = sparsity_axis(0.2 if method == "structured" else 0.3)
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in stars] == [([x], [0.85]), ([x], [0.86])]
     assert [line.get_color() for line in stars] == [line.get_color() for line in figure.axes[0].lines
                                                     if line.get_marker() == "o"]  # each in its epoch's colour
