@@ -2,7 +2,7 @@
 
 ``PruneEvalCallback`` evaluates the model at several sparsity levels at the end of training epochs and logs the
 pruning curve, its area, and the compressibility metrics of Wan et al. (2024). All pruning and all metrics come from the
-functional core (``lightning_heavytail.pruning.evaluate_pruning_curve`` and
+functional core (``lightning_heavytail.pruning.evaluate_pruning``, every method in one pass, and
 ``lightning_heavytail.compressibility.compressibility_report``); the callback's hooks only decide *when* to evaluate;
 the evaluation data and its DDP shards come from ``_eval_data``, the records, files and figures from
 ``_prune_history``.
@@ -53,8 +53,7 @@ from lightning_heavytail.pruning import (
     OutputKey,
     PruningCurve,
     check_prunable,
-    evaluate_at_epsilon,
-    evaluate_pruning_curve,
+    evaluate_pruning,
     level_label,
     rng_preserved,
     tensor_view,
@@ -75,9 +74,11 @@ class PruneEvalCallback(Callback):
 
     At the end of every ``every_n_epochs``-th training epoch, the model is evaluated on ``dataloader`` at each level of
     ``sparsities`` with each pruning ``method`` (see ``evaluate_pruning_curve``), and the compressibility metrics of
-    its weights are computed (see ``compressibility_report``). The model is never changed: every parameter and buffer
-    is bitwise restored, train/eval modes and ``requires_grad`` too, also when the evaluation raises; the
-    optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned weights.
+    its weights are computed (see ``compressibility_report``). One pass over the data serves every level of every
+    method and the epsilon point (``evaluate_pruning``): each batch is loaded once. The model is never changed:
+    every parameter and buffer is bitwise restored, train/eval modes and ``requires_grad`` too, also when the
+    evaluation raises; the optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned
+    weights.
 
     What is pruned: by default (``params=None``) the weights the forward pass uses, less the output layer (the last
     weight it uses) and the first conv, as in the paper, for every method and for the compressibility report; the
@@ -136,7 +137,8 @@ class PruneEvalCallback(Callback):
             ``sparsities``.
         log_prefix: prefix of every logged name.
         compressibility: compute and log the compressibility report.
-        epsilon_point: evaluate and log the model pruned at the epsilon point (one more pass over the data).
+        epsilon_point: evaluate and log the model pruned at the epsilon point (in the same pass over the data as the
+            curves).
         log_figure: send the curve figure to every ``TensorBoardLogger``.
         filename: base name of the JSON and CSV files written into the run directory (followed by the prefix when it
             is not the default, see ``history_stem``); ``None`` writes no files.
@@ -378,14 +380,12 @@ class PruneEvalCallback(Callback):
         common: dict[str, Any] = {"metrics": self.metrics, "forward_fn": self.forward_fn,
                                   "output_key": self.output_key, "device": pl_module.device}
         with trainer.precision_plugin.forward_context(), rank_zero_buffers(pl_module, trainer.world_size):
-            curves = {method: evaluate_pruning_curve(pl_module, batches, self.sparsities, method=method,
-                                                     params=self.params, exclude=self.exclude, **common)
-                      for method in self.methods}
-            pruned = set(curves[self.methods[0]].params)  # the report and the epsilon point: the curves' tensors
-            point = None
-            if self.epsilon_point:
-                point = evaluate_at_epsilon(pl_module, batches, epsilon=self.epsilon,
-                                            params=lambda name, _: name in pruned, **common)
+            # every method's levels and the epsilon point in one pass over the data
+            evaluation = evaluate_pruning(pl_module, batches, self.sparsities, methods=self.methods,
+                                          epsilon=self.epsilon if self.epsilon_point else None, params=self.params,
+                                          exclude=self.exclude, **common)
+        curves, point = evaluation.curves, evaluation.at_epsilon
+        pruned = set(curves[self.methods[0]].params)  # the report: the curves' tensors
         report: dict[str, float] = {}
         if self.compressibility:
             report = compressibility_report(tensor_view(pl_module), params=lambda name, _: name in pruned,

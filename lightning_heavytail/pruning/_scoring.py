@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -176,11 +176,22 @@ def metric_names(collection: MetricCollection, preds: Tensor, target: Any) -> li
     return [str(name) for name in values]
 
 
-class Scorer:
-    """Runs a model over the data and returns the metrics as floats: the score of one model state.
+class State(Protocol):
+    """One model state scored over a pass: a level of a method, a pruned copy, the epsilon point."""
 
-    ``update`` scores one batch into a collection and ``compute`` reads it, so a caller can also hold one collection
-    per model state and score every state on each batch as it is loaded.
+    where: str  # what is scored, for error messages
+    pruned: bool  # whether anything is pruned (says where NaN predictions come from)
+
+    def activate(self) -> nn.Module:
+        """Make the state current (write its values, or pick its copy); return the module to run on the batch."""
+
+
+class Scorer:
+    """Runs model states over the data, in one pass, and returns each state's metrics as floats.
+
+    The first batch is loaded once: ``example_batch`` keeps the loader's iterator open after it, and the next pass
+    starts with that batch and goes on with the same iterator. ``score`` loads each batch once and scores every state
+    on it, each into its own copy of the metrics.
     """
 
     def __init__(self, dataloader: Iterable[Any], forward: ForwardFn, device: torch.device) -> None:
@@ -188,15 +199,26 @@ class Scorer:
         self.forward = forward
         self.device = device
         self.collection: MetricCollection | None = None  # set from the probe's output
+        self._held: tuple[Any, Iterator[Any]] | None = None  # the first batch, and the iterator after it
 
     def example_batch(self) -> Any:
-        """The first batch, on the evaluation device."""
-        for batch in self.dataloader:
-            return move_data_to_device(batch, self.device)
+        """The first batch, on the evaluation device; the next pass starts with it rather than loading it again."""
+        iterator = iter(self.dataloader)
+        for batch in iterator:
+            moved = move_data_to_device(batch, self.device)
+            self._held = (moved, iterator)
+            return moved
         raise ValueError("`dataloader` yielded no batch")
 
-    def batches(self) -> Iterable[Any]:
+    def batches(self) -> Iterator[Any]:
         """The batches, each moved to the evaluation device as it is loaded."""
+        held, self._held = self._held, None
+        if held is not None:
+            first, rest = held
+            yield first
+            for batch in rest:
+                yield move_data_to_device(batch, self.device)
+            return
         seen = False
         for batch in self.dataloader:
             seen = True
@@ -212,14 +234,21 @@ class Scorer:
 
     @staticmethod
     def compute(collection: MetricCollection) -> dict[str, float]:
-        """The metrics a collection holds, as floats."""
+        """The metrics a collection holds, as floats (under DDP ``compute`` syncs: every rank calls it)."""
         return {name: as_float(name, value) for name, value in collection.compute().items()}
 
-    def __call__(self, model: nn.Module, where: str, pruned: bool) -> dict[str, float]:
-        """The metrics of ``model`` over the data."""
+    def score(self, states: Sequence[State]) -> list[dict[str, float]]:
+        """The metrics of every state over the data, in one pass: each batch is loaded once and runs every state.
+
+        Each state has its own copy of the metrics (the ones passed in are copied, never updated), reset first and
+        computed at the end, in the order of ``states`` (the same order on every rank).
+        """
         if self.collection is None:
             raise RuntimeError("Scorer used before its metrics were set")
-        self.collection.reset()
+        collections = [copy.deepcopy(self.collection) for _ in states]
+        for collection in collections:
+            collection.reset()
         for batch in self.batches():
-            self.update(self.collection, model, batch, where, pruned)
-        return self.compute(self.collection)
+            for state, collection in zip(states, collections, strict=True):
+                self.update(collection, state.activate(), batch, state.where, state.pruned)
+        return [self.compute(collection) for collection in collections]

@@ -11,12 +11,12 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._checks import check_model, check_ratios, validate_epsilon
 from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, sort_ascending
-from lightning_heavytail.pruning._evaluator import levels_applied
+from lightning_heavytail.pruning._evaluator import LevelState, LevelWriter, StateBuilder, scored_in_one_pass
+from lightning_heavytail.pruning._plans import ThresholdPlan
 from lightning_heavytail.pruning._probe import prepare, select_targets
 from lightning_heavytail.pruning._scoring import ForwardFn, OutputKey, Scorer
 from lightning_heavytail.pruning._targets import Target, targets_named, tensor_view
 from lightning_heavytail.pruning.curve import EpsilonPoint
-from lightning_heavytail.pruning.methods import ThresholdPlan
 from lightning_heavytail.selection import ParamSelector
 
 __all__ = ["evaluate_at_epsilon", "evaluate_at_ratios", "prunable_units"]
@@ -62,15 +62,44 @@ def _smallest_unit_ranks(weight: Tensor) -> Tensor:
     return ranks.reshape(-1, *([1] * (weight.ndim - 1)))
 
 
-def _evaluate_units_zeroed(model: nn.Module, targets: Sequence[Target], counts: Mapping[str, int], scorer: Scorer,
-                           where: str) -> dict[str, float]:
-    """Metrics of ``model`` with the ``counts[name]`` smallest units of each target zeroed; model restored."""
-    with levels_applied(model, targets) as writer:
+def units_zeroed(model: nn.Module, targets: Sequence[Target], counts: Mapping[str, int], where: str) -> StateBuilder:
+    """The state of ``model`` with the ``counts[name]`` smallest units of each target zeroed, to score in a pass."""
+
+    def build(writer: LevelWriter) -> list[LevelState]:
         ranks = [_smallest_unit_ranks(backup) for backup in writer.backups]
         # the ranks are unique, so exactly `count` units are zeroed, also when norms tie
         thresholds: list[float | None] = [float(counts[t.name] - 1) if counts[t.name] else None for t in targets]
-        writer.apply(ThresholdPlan([thresholds], lambda index, _: ranks[index]), 0)
-        return scorer(model, where, any(counts.values()))
+        plan = ThresholdPlan([thresholds], ranks)
+        return [LevelState(model, writer, plan, 0, where, any(counts.values()))]
+
+    return build
+
+
+def _scored_alone(model: nn.Module, targets: Sequence[Target], builder: StateBuilder,
+                  scorer: Scorer) -> dict[str, float]:
+    [[(_, values)]] = scored_in_one_pass(model, targets, scorer, [builder])
+    return values
+
+
+def epsilon_counts(targets: Sequence[Target], epsilon: float) -> dict[str, tuple[int, int]]:
+    """``(prunable units, units)`` of each target at ``epsilon`` (``prunable_units``); NaN or infinity refused."""
+    _check_finite_weights(targets)
+    return {t.name: prunable_units(t.current(), epsilon) for t in targets}
+
+
+def epsilon_point(epsilon: float, counted: Mapping[str, tuple[int, int]], metrics: dict[str, float]) -> EpsilonPoint:
+    """The point from the counts of ``epsilon_counts`` and the metrics of the model pruned there."""
+    return EpsilonPoint(
+        epsilon=epsilon,
+        ratios={name: k / units for name, (k, units) in counted.items()},
+        ratio=sum(k for k, _ in counted.values()) / sum(units for _, units in counted.values()),
+        metrics=metrics,
+    )
+
+
+def epsilon_where(epsilon: float) -> str:
+    """What the epsilon point's state is, for error messages."""
+    return f"the epsilon point (epsilon={epsilon})"
 
 
 def _check_finite_weights(targets: Sequence[Target]) -> None:
@@ -143,16 +172,9 @@ def evaluate_at_epsilon(
     eps = validate_epsilon(epsilon)
     run = prepare(model, dataloader, metrics, forward_fn, output_key, exclude, device)
     targets, _ = select_targets(model, params, run.exclude, run.probe)
-    _check_finite_weights(targets)
-    counted = {t.name: prunable_units(t.current(), eps) for t in targets}
-    counts = {name: k for name, (k, _) in counted.items()}
-    values = _evaluate_units_zeroed(model, targets, counts, run.scorer, f"the epsilon point (epsilon={eps})")
-    return EpsilonPoint(
-        epsilon=eps,
-        ratios={name: k / units for name, (k, units) in counted.items()},
-        ratio=sum(k for k, _ in counted.values()) / sum(units for _, units in counted.values()),
-        metrics=values,
-    )
+    counted = epsilon_counts(targets, eps)
+    builder = units_zeroed(model, targets, {name: k for name, (k, _) in counted.items()}, epsilon_where(eps))
+    return epsilon_point(eps, counted, _scored_alone(model, targets, builder, run.scorer))
 
 
 def evaluate_at_ratios(
@@ -211,4 +233,4 @@ def evaluate_at_ratios(
     targets = targets_named(model, list(ratios))
     _check_finite_weights(targets)
     counts = {t.name: round(float(ratios[t.name]) * t.current().shape[0]) for t in targets}
-    return _evaluate_units_zeroed(model, targets, counts, run.scorer, "the given ratios")
+    return _scored_alone(model, targets, units_zeroed(model, targets, counts, "the given ratios"), run.scorer)

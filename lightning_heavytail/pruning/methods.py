@@ -25,18 +25,20 @@ For the three mask methods (``MASK_METHODS``), ties at the threshold are all zer
 fraction of the selected entries that are zero, can exceed the level asked for (e.g. when many weights are exactly
 zero already); the curve reports the measured value. ``round`` is Python's, as in ``torch.nn.utils.prune``. Their
 cost: one sort of the scores per call (not one per level), thresholds from the sort (never from ``torch.quantile``,
-which fails above ``2^{24}`` elements). ``"svd"`` factors each selected tensor once per call (it holds ``U``, ``S``,
-``V`` of every selected tensor, about twice the tensors' size).
+which fails above ``2^{24}`` elements); they hold the indices each level zeroes (``ThresholdPlan``: 4 bytes per entry
+zeroed at the highest level, per unit for ``"neuron"``). ``"svd"`` factors each selected tensor once per call, one
+tensor at a time, and holds its value at every level that drops a singular value (one copy of the selected tensors
+per such level). ``"structured"`` holds the pruned copies of every level at once.
 
 **Adding a method** is one rule and one entry of ``REGISTRY``, in this file: a rule maps the unpruned values of the
-selected tensors and the levels to a ``LevelPlan`` (what each tensor holds at each level, computed once), and
-``InPlaceMethod(rule)`` evaluates it like the methods above, in the functional API and in ``PruneEvalCallback``.
+selected tensors and the levels to a ``LevelPlan`` (what each tensor holds at each level, computed once; see
+``_plans``: ``ThresholdPlan`` for masks from scores and thresholds), and ``InPlaceMethod(rule)`` evaluates it like
+the methods above, in one pass over the data, in the functional API and in ``PruneEvalCallback``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,7 +48,8 @@ from torch import Tensor, nn
 from lightning_heavytail._checks import check_names
 from lightning_heavytail._extras import require
 from lightning_heavytail._tensors import all_finite, compute_dtype, sort_ascending
-from lightning_heavytail.pruning._evaluator import CurveTask, LevelPlan, levels_applied
+from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, LevelPlan, LevelState, LevelWriter
+from lightning_heavytail.pruning._plans import SingularValuePlan, ThresholdPlan
 from lightning_heavytail.pruning._scoring import ForwardFn
 from lightning_heavytail.pruning._structured import StructuredMethod
 from lightning_heavytail.pruning._targets import Target
@@ -87,35 +90,11 @@ class PruningMethod(Protocol):
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
         """Fail early if the method cannot prune ``targets`` of ``model`` (``batch`` may be None)."""
 
-    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """The measured sparsity and the metrics at each level of ``task``; the model is left as it was."""
+    def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
+        """One state per level of ``task``, scored in one pass (``scored_in_one_pass``); the model is not changed here.
 
-
-class ThresholdPlan:
-    """Zero the entries whose score is at most a threshold (``thresholds[level][tensor]``; None: none, NaN: all).
-
-    ``score(index, backup)`` gives the scores of tensor ``index``, shaped to broadcast over it. The measured sparsity
-    is the fraction of the written entries that are zero.
-    """
-
-    def __init__(self, thresholds: list[list[float | None]], score: Callable[[int, Tensor], Tensor]) -> None:
-        self.thresholds = thresholds
-        self.score = score
-
-    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
-        """``backup`` with the entries at or below the threshold zeroed, into ``out``."""
-        out.copy_(backup)
-        threshold = self.thresholds[level][index]
-        if threshold is None:
-            return
-        if math.isnan(threshold):  # the k-th smallest is NaN (NaNs sort last): everything up to it is pruned
-            out.zero_()
-            return
-        out.masked_fill_(self.score(index, backup) <= threshold, 0)
-
-    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
-        """The fraction of the written entries that are zero."""
-        return sum(int((t == 0).sum().item()) for t in written) / sum(t.numel() for t in written)
+        ``writer`` holds the backups of ``task.targets`` (the unpruned values) and writes the selected tensors.
+        """
 
 
 def _kth_threshold(sorted_scores: Tensor, level: float) -> float | None:
@@ -129,7 +108,7 @@ def _magnitudes(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return mag if mag.dtype == dtype else mag.to(dtype)
 
 
-def _per_tensor(scores: Sequence[Tensor], levels: Sequence[float]) -> list[list[float | None]]:
+def _per_tensor(scores: Iterable[Tensor], levels: Sequence[float]) -> list[list[float | None]]:
     """thresholds[level][tensor] from one sort of each tensor's scores."""
     by_tensor = [[_kth_threshold(ranked, level) for level in levels]
                  for ranked in (sort_ascending(score.flatten()) for score in scores)]
@@ -140,50 +119,39 @@ def _global(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
     dtype = compute_dtype(*(b.dtype for b in backups))  # rank every tensor in one dtype: comparisons stay exact
     ranked = sort_ascending(torch.cat([_magnitudes(b, dtype).flatten() for b in backups]))
     thresholds = [[_kth_threshold(ranked, level)] * len(backups) for level in levels]
-    return ThresholdPlan(thresholds, lambda _, backup: _magnitudes(backup, dtype))
+    del ranked
+    return ThresholdPlan(thresholds, (_magnitudes(b, dtype) for b in backups))
 
 
 def _layerwise(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    def score(_: int, backup: Tensor) -> Tensor:
-        return _magnitudes(backup, compute_dtype(backup.dtype))
+    def magnitudes() -> Iterator[Tensor]:
+        return (_magnitudes(b, compute_dtype(b.dtype)) for b in backups)
 
-    return ThresholdPlan(_per_tensor([score(i, b) for i, b in enumerate(backups)], levels), score)
+    return ThresholdPlan(_per_tensor(magnitudes(), levels), magnitudes())
 
 
 def _neuron(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
     # l2 norm of each slice along dim 0, shaped to broadcast against the tensor
     norms = [b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)).norm(dim=1).reshape(-1, *([1] * (b.ndim - 1)))
              for b in backups]
-    return ThresholdPlan(_per_tensor(norms, levels), lambda index, _: norms[index])
-
-
-class SingularValuePlan:
-    """Each tensor as an ``(out, -1)`` matrix, its ``drops[level][tensor]`` smallest singular values dropped."""
-
-    def __init__(self, factors: list[tuple[Tensor, Tensor, Tensor]], drops: list[list[int]]) -> None:
-        self.factors = factors
-        self.drops = drops
-
-    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
-        """The best approximation of ``backup`` of the rank left at ``level``, into ``out``."""
-        drop = self.drops[level][index]
-        if drop == 0:
-            out.copy_(backup)  # exactly the tensor, not its rounded reconstruction
-            return
-        u, s, vh = self.factors[index]
-        keep = s.numel() - drop  # singular values come in descending order: the smallest are last
-        out.copy_(((u[:, :keep] * s[:keep]) @ vh[:keep]).reshape(backup.shape))
-
-    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
-        """The fraction of the singular values dropped, over all tensors."""
-        return sum(self.drops[level]) / sum(s.numel() for _, s, _ in self.factors)
+    return ThresholdPlan(_per_tensor(norms, levels), norms)
 
 
 def _svd(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    factors = [torch.linalg.svd(b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)), full_matrices=False)
-               for b in backups]
-    drops = [[round(level * s.numel()) for _, s, _ in factors] for level in levels]
-    return SingularValuePlan([(u, s, vh) for u, s, vh in factors], drops)
+    values: list[list[Tensor | None]] = [[] for _ in levels]
+    drops: list[list[int]] = [[] for _ in levels]
+    ranks = []
+    for backup in backups:  # one tensor's factors at a time
+        u, s, vh = torch.linalg.svd(backup.reshape(backup.shape[0], -1).to(compute_dtype(backup.dtype)),
+                                    full_matrices=False)
+        ranks.append(s.numel())
+        for i, level in enumerate(levels):
+            drop = round(level * s.numel())
+            keep = s.numel() - drop  # singular values come in descending order: the smallest are last
+            drops[i].append(drop)
+            values[i].append(None if drop == 0 else
+                             ((u[:, :keep] * s[:keep]) @ vh[:keep]).reshape(backup.shape).to(backup.dtype))
+    return SingularValuePlan(values, drops, ranks)
 
 
 @dataclass(frozen=True)
@@ -216,21 +184,12 @@ class InPlaceMethod:
             if not all_finite(target.current()):
                 raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: it has no singular values")
 
-    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """Write each level, score it; the tensors are restored afterwards (``levels_applied``).
-
-        The plan (one sort, every level's thresholds) is made once; this loop over levels is where a one-pass
-        evaluation would instead load each batch once and ``writer.apply`` every level to it.
-        """
+    def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
+        """One state per level; activating one writes its values from the plan, made once (one sort)."""
         self.check(task.model, task.targets, None, task.forward)
-        measured: list[float] = []
-        values: list[dict[str, float]] = []
-        with levels_applied(task.model, task.targets) as writer:
-            plan = self.rule(writer.backups, task.levels)
-            for i, level in enumerate(task.levels):
-                measured.append(writer.apply(plan, i))
-                values.append(task.scorer(task.model, task.where(level), level > 0.0))
-        return measured, values
+        plan = self.rule(writer.backups, task.levels)
+        return [LevelState(task.model, writer, plan, i, task.where(level), level > 0.0)
+                for i, level in enumerate(task.levels)]
 
 
 REGISTRY: dict[str, PruningMethod] = {

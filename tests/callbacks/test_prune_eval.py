@@ -363,10 +363,10 @@ def test_untraceable_model_for_structured_is_an_error_before_training(tmp_path: 
 
 
 class FailingLoader:
-    """Re-iterable; the fourth pass raises at its second batch.
+    """Re-iterable; the second pass raises at its second batch.
 
-    Passes: the first batch at fit start, the first batch again at the evaluation (its output check), then one pass per
-    level: the fourth is the second level, after the first was masked.
+    Passes: the first batch at fit start, then the evaluation's one pass (its first batch checks the output, then runs
+    every level): its second batch comes after both levels were masked.
     """
 
     def __init__(self) -> None:
@@ -376,7 +376,7 @@ class FailingLoader:
     def __iter__(self) -> Iterator[Any]:
         self.passes += 1
         for i, batch in enumerate(self.data):
-            if self.passes == 4 and i == 1:
+            if self.passes == 2 and i == 1:
                 raise RuntimeError("data failed mid-way")
             yield batch
 
@@ -389,7 +389,7 @@ def test_model_restored_when_evaluation_raises(tmp_path: Path) -> None:
     trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[before, callback])
     with pytest.raises(RuntimeError, match="data failed mid-way"):
         trainer.fit(model, loader(32, 1))
-    assert failing.passes == 4  # the first level was evaluated (weights masked) before the failure
+    assert failing.passes == 2  # every level was evaluated on the first batch (weights masked) before the failure
     assert_same_state(before.states[0], capture(trainer, model))
     assert callback.history == []
 
