@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -31,7 +31,6 @@ from lightning_heavytail._checks import (
     check_metric_name,
     check_metrics,
     check_name,
-    check_strategy,
     validate_epsilon,
     validate_forward,
     validate_sparsities,
@@ -46,6 +45,7 @@ from lightning_heavytail.callbacks._eval_data import (
     sharded_batches,
 )
 from lightning_heavytail.callbacks._prune_history import EpsilonRecord, EvaluationRecord, render_curves, write_history
+from lightning_heavytail.callbacks._prune_support import check_distinct, check_strategy_supported, known_metric_names
 from lightning_heavytail.compressibility import DEFAULT_REPORT_SPARSITIES, compressibility_report
 from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
@@ -65,8 +65,6 @@ __all__ = ["PruneEvalCallback"]
 
 _STATE_VERSION = 1
 _DEFAULT_PREFIX = "pruning"
-_SHARDING_REFUSED = "it shards parameters, and the pruning evaluation needs every rank to hold the full model"
-_USE_INSTEAD = "Use a single-device or DDP-family strategy."
 
 
 class PruneEvalCallback(Callback):
@@ -235,7 +233,7 @@ class PruneEvalCallback(Callback):
             check_bool(flag, name)
         check_name(filename, "filename", allow_none=True, file_name=True)
         check_name(auc_metric, "auc_metric", allow_none=True)
-        known = _known_metric_names(metrics)
+        known = known_metric_names(metrics)
         if auc_metric is not None and known is not None:
             check_metric_name(auc_metric, known, "auc_metric")
 
@@ -323,20 +321,8 @@ class PruneEvalCallback(Callback):
 
     def _setup(self, trainer: Trainer) -> None:
         """Check the strategy, the other PruneEvalCallbacks and the figures; find the evaluation data (not load it)."""
-        check_strategy(trainer.strategy, "PruneEvalCallback", why=_SHARDING_REFUSED, instead=_USE_INSTEAD)
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, PruneEvalCallback):
-                continue
-            if other.log_prefix == self.log_prefix:
-                raise ValueError(
-                    f"Two PruneEvalCallbacks have `log_prefix`={self.log_prefix!r}: their logged names and history"
-                    " files would overwrite each other. Give each a distinct `log_prefix`."
-                )
-            if self.history_stem is not None and other.history_stem == self.history_stem:
-                raise ValueError(
-                    f"Two PruneEvalCallbacks (log_prefix {self.log_prefix!r} and {other.log_prefix!r}) would write the"
-                    f" same history files {self.history_stem}.json/.csv. Give them distinct `filename`s."
-                )
+        check_strategy_supported(trainer.strategy, self.methods)
+        check_distinct(self, trainer.callbacks)  # type: ignore[attr-defined]
         if self.log_figure and self._tensorboards(trainer):
             require("figures", "PruneEvalCallback(log_figure=True) with a TensorBoardLogger (or log_figure=False)")
         self._lightning_source = None
@@ -437,12 +423,3 @@ class PruneEvalCallback(Callback):
                 logger.experiment.add_image(
                     f"{self.log_prefix}/{method}/curve", image, global_step=step, dataformats="HWC"
                 )
-
-
-def _known_metric_names(metrics: Metric | MetricCollection | None) -> Collection[str] | None:
-    """The names the curve's metrics will have, where they are known before any evaluation."""
-    if metrics is None:
-        return {DEFAULT_METRIC_KEY}
-    if isinstance(metrics, MetricCollection):
-        return {str(key) for key in metrics.keys(keep_base=False)}
-    return None  # a single Metric may return one value (named after its class) or a dict

@@ -22,8 +22,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lightning_heavytail._distributed import Layout
 from lightning_heavytail.pruning._scoring import ForwardFn, Scorer, State
 from lightning_heavytail.pruning._targets import Target, overrides_attached
+from lightning_heavytail.sharding import fsdp_modules, reshard
 
 
 class LevelPlan(Protocol):
@@ -81,12 +83,18 @@ class LevelWriter:
     """Writes the values of a level into the selected tensors (see ``levels_applied``).
 
     It remembers what the tensors hold, so a state that is already written is not written again (one level alone
-    is written once per pass, not once per batch).
+    is written once per pass, not once per batch). ``backups`` are the local parts of the tensors (all of a tensor
+    unless it is sharded), ``layout`` where they sit in the whole tensors. After every write the FSDP2 modules are
+    resharded, so that the next forward gathers the written shards: FSDP2 keeps the root's parameters gathered after
+    a forward, and would not see a write into its shards.
     """
 
-    def __init__(self, targets: Sequence[Target], backups: Sequence[Tensor]) -> None:
+    def __init__(self, targets: Sequence[Target], backups: Sequence[Tensor], layout: Layout,
+                 fsdp: Sequence[nn.Module] = ()) -> None:
         self.targets = targets
         self.backups = backups
+        self.layout = layout
+        self.fsdp = fsdp
         self._holds: tuple[int, int] | None = None  # (id of the plan, level) written last; None: the backups
 
     def write(self, plan: LevelPlan, level: int) -> list[Tensor]:
@@ -97,6 +105,7 @@ class LevelWriter:
             for index, (out, backup) in enumerate(zip(written, self.backups, strict=True)):
                 plan.write(level, index, backup, out, held)
             self._holds = (id(plan), level)
+            reshard(self.fsdp)
         return written
 
     def apply(self, plan: LevelPlan, level: int) -> float:
@@ -110,6 +119,7 @@ class LevelWriter:
         for target, backup in zip(self.targets, self.backups, strict=True):
             target.writable().copy_(backup)
         self._holds = None
+        reshard(self.fsdp)
 
 
 class CurveState(State, Protocol):
@@ -138,17 +148,24 @@ class LevelState:
 
 @contextlib.contextmanager
 def levels_applied(model: nn.Module, targets: Sequence[Target]) -> Iterator[LevelWriter]:
-    """Back up ``targets``, put ``model`` in eval mode without grad, yield the writer; restore everything on exit."""
+    """Back up ``targets``, put ``model`` in eval mode without grad, yield the writer; restore everything on exit.
+
+    With sharded targets every rank must call it (``Layout.of`` is a collective); each backs up its local parts.
+    """
     with model_preserved(model), torch.no_grad():
         model.eval()  # before the backups: a parametrization may compute another value in training mode
-        backups = [target.current().detach().clone() for target in targets]
+        device = targets[0].local().device if targets else torch.device("cpu")
+        layout = Layout.of([target.current() for target in targets], device)
+        backups = [target.local().detach().clone() for target in targets]
+        fsdp = fsdp_modules(model)
         try:
             with overrides_attached(targets, backups):
-                yield LevelWriter(targets, backups)
+                yield LevelWriter(targets, backups, layout, fsdp)
         finally:
             for target, backup in zip(targets, backups, strict=True):
                 if target.param is not None:
-                    target.param.copy_(backup)
+                    target.writable().copy_(backup)
+            reshard(fsdp)
 
 
 StateBuilder = Callable[[LevelWriter], Sequence[CurveState]]

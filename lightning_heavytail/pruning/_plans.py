@@ -20,9 +20,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_heavytail._distributed import Layout
+
 _CHUNK = 1 << 22
-"""Indices widened to int64 at a time when a band is written (a 32 MiB transient). Large: on a shared CPU every
-small parallel op can wait a time slice for its other threads, and 2**18 at a time cost 10x the CPU time in wall time."""
+"""Indices widened to int64 at a time when a band is written (a 32 MiB transient). Large: on a shared CPU every small
+parallel op can wait a time slice for its other threads (2**18 at a time cost 10x their CPU time in wall time)."""
 
 
 class ThresholdPlan:
@@ -35,7 +37,9 @@ class ThresholdPlan:
     level, grouped by level, int32.
     """
 
-    def __init__(self, thresholds: Sequence[Sequence[float | None]], scores: Iterable[Tensor]) -> None:
+    def __init__(self, thresholds: Sequence[Sequence[float | None]], scores: Iterable[Tensor],
+                 layout: Layout | None = None) -> None:
+        self.layout = layout  # where the tensors' local parts sit (None: whole tensors), for the measured sparsity
         self.by_unit: list[bool] = []  # per tensor: the scores are per unit (whole slices along dim 0 are zeroed)
         self.bands: list[Tensor] = []  # per tensor: the zeroed indices, level 0's first, then each level's new ones
         self.ends: list[list[int]] = []  # per tensor: ends[level] = how many of bands[tensor] that level zeroes
@@ -57,8 +61,10 @@ class ThresholdPlan:
             _zero(out, self.bands[index][start:ends[level]], self.by_unit[index])
 
     def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
-        """The fraction of the written entries that are zero."""
-        return sum(int((t == 0).sum().item()) for t in written) / sum(t.numel() for t in written)
+        """The fraction of the written entries that are zero (of the whole tensors, under sharding)."""
+        if self.layout is None:
+            return sum(int((t == 0).sum().item()) for t in written) / sum(t.numel() for t in written)
+        return self.layout.count_all([t == 0 for t in written]) / self.layout.size()
 
 
 def _zeroed_by_level(score: Tensor, thresholds: Sequence[float | None]) -> tuple[Tensor, list[int]]:

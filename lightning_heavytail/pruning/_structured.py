@@ -21,6 +21,7 @@ from lightning_heavytail._extras import import_optional
 from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, LevelWriter, model_preserved
 from lightning_heavytail.pruning._scoring import ForwardFn
 from lightning_heavytail.pruning._targets import Target
+from lightning_heavytail.sharding import is_sharded
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM)
 """Layers whose output channels torch-pruning removes (its default root module types)."""
@@ -223,6 +224,18 @@ class _StructuredPlan:
         return clone
 
 
+def refuse_sharded(model: nn.Module) -> None:
+    """Refuse a model whose parameters are sharded, naming the methods that work there."""
+    sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise ValueError(
+            f"method='structured' removes channels from copies of the model, and {type(model).__name__} has sharded"
+            f" parameters ({sharded[:3]}{' ...' if len(sharded) > 3 else ''}: FSDP2 or tensor parallelism), whose"
+            " shapes cannot change. Use a mask method, 'global', 'layerwise' or 'neuron' ('neuron' zeroes whole units,"
+            " the structured pruning of the paper), which prune sharded weights shard by shard."
+        )
+
+
 def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -246,7 +259,12 @@ class StructuredMethod:
     extra: str | None = "structured"
 
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
-        """Fail early: a deep copy, selected Linear/Conv/LSTM layers; with a batch, a trace and a trial prune at 0.5."""
+        """Fail early: a deep copy, selected Linear/Conv/LSTM layers; with a batch, a trace and a trial prune at 0.5.
+
+        Sharded parameters (DTensors: FSDP2, tensor parallelism) are refused: removing channels changes the shapes
+        that the shards are cut from.
+        """
+        refuse_sharded(model)
         if batch is None:
             _selected_root_layers(model, [t.name for t in targets])
             with _grad_mode():
@@ -262,6 +280,7 @@ class StructuredMethod:
         it prunes (see ``docs/pruning.md`` for what this costs against one copy at a time).
         """
         model = task.model
+        refuse_sharded(model)
         plan = _plan(model, task.targets, task.example, task.forward)
         total = _parameter_count(model)
         states: list[CurveState] = []

@@ -32,14 +32,10 @@ from lightning_heavytail.pruning._scoring import (
 )
 from lightning_heavytail.pruning._targets import Target
 from lightning_heavytail.pruning.curve import EpsilonPoint, PruningCurve
-from lightning_heavytail.pruning.epsilon import (
-    epsilon_counts,
-    epsilon_point,
-    epsilon_where,
-    units_zeroed,
-)
+from lightning_heavytail.pruning.epsilon import at_epsilon, epsilon_point
 from lightning_heavytail.pruning.methods import REGISTRY, method_named, require_methods, validate_method
 from lightning_heavytail.selection import ParamSelector, uninitialized_parameters
+from lightning_heavytail.sharding import is_sharded
 
 __all__ = ["PruningCheck", "PruningEvaluation", "check_prunable", "evaluate_pruning", "evaluate_pruning_curve"]
 
@@ -203,15 +199,15 @@ def _in_one_pass(model: nn.Module, run: Run, targets: Sequence[Target], levels: 
                                                            run.forward))
         for name in names
     ]
-    counted = None
-    if epsilon is not None:
-        counted = epsilon_counts(targets, epsilon)
-        counts = {name: k for name, (k, _) in counted.items()}
-        builders.append(units_zeroed(model, targets, counts, epsilon_where(epsilon)))
-    in_place = counted is not None or any(REGISTRY[name].in_place for name in names)
+    point_builder = None if epsilon is None else at_epsilon(model, targets, epsilon)
+    if point_builder is not None:
+        builders.append(point_builder)
+    in_place = point_builder is not None or any(REGISTRY[name].in_place for name in names)
     groups = scored_in_one_pass(model, targets if in_place else [], run.scorer, builders)
     curves = {name: _curve(name, levels, targets, group) for name, group in zip(names, groups, strict=False)}
-    point = None if counted is None or epsilon is None else epsilon_point(epsilon, counted, groups[-1][0][1])
+    point = None
+    if point_builder is not None and epsilon is not None:
+        point = epsilon_point(epsilon, point_builder.counted, groups[-1][0][1])
     return PruningEvaluation(curves, point)
 
 
@@ -311,7 +307,7 @@ def check_prunable(
         batch = move_data_to_device(batch, device)
         if uninitialized_parameters(model):
             model = materialized_copy(model, batch, forward, device)
-        found = probe(model, batch, forward, metrics is None, device)
+        found = probe(model, batch, forward, metrics is None, device, any(is_sharded(p) for p in model.parameters()))
         names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
     targets, left_out = select_targets(model, params, exclude, found)
     for name in methods:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_names
+from lightning_heavytail._distributed import Layout, as_units, squared_sums
 from lightning_heavytail._extras import require
 from lightning_heavytail._tensors import all_finite, compute_dtype, sort_ascending
 from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, LevelPlan, LevelState, LevelWriter
@@ -53,6 +54,7 @@ from lightning_heavytail.pruning._plans import SingularValuePlan, ThresholdPlan
 from lightning_heavytail.pruning._scoring import ForwardFn
 from lightning_heavytail.pruning._structured import StructuredMethod
 from lightning_heavytail.pruning._targets import Target
+from lightning_heavytail.sharding import is_sharded
 
 __all__ = [
     "MASK_METHODS",
@@ -68,8 +70,13 @@ __all__ = [
     "validate_method",
 ]
 
-Rule = Callable[[Sequence[Tensor], Sequence[float]], LevelPlan]
-"""``rule(unpruned values of the selected tensors, levels) -> LevelPlan``."""
+Rule = Callable[[Sequence[Tensor], Sequence[float], Layout], LevelPlan]
+"""``rule(unpruned values of the selected tensors, levels, layout) -> LevelPlan``.
+
+Under sharding (FSDP2, tensor parallelism) the values are this rank's local parts, and ``layout`` says where they
+sit in the whole tensors: a rule takes whole-tensor quantities from it (``Layout.kth_smallest``,
+``Layout.unit_values``), never by gathering a tensor. A rule that cannot is registered with ``shards=False``.
+"""
 
 
 class PruningMethod(Protocol):
@@ -97,47 +104,62 @@ class PruningMethod(Protocol):
         """
 
 
-def _kth_threshold(sorted_scores: Tensor, level: float) -> float | None:
-    """Largest score to zero at ``level``: the k-th smallest, k = round(level * n); None when nothing is pruned."""
-    k = round(level * sorted_scores.numel())
-    return None if k == 0 else float(sorted_scores[k - 1].item())
-
-
 def _magnitudes(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     mag = tensor.abs()
     return mag if mag.dtype == dtype else mag.to(dtype)
 
 
-def _per_tensor(scores: Iterable[Tensor], levels: Sequence[float]) -> list[list[float | None]]:
-    """thresholds[level][tensor] from one sort of each tensor's scores."""
-    by_tensor = [[_kth_threshold(ranked, level) for level in levels]
-                 for ranked in (sort_ascending(score.flatten()) for score in scores)]
-    return [list(column) for column in zip(*by_tensor, strict=True)]
+def _thresholds(scores: Iterable[Tensor], sizes: Sequence[int], levels: Sequence[float],
+                layout: Layout | None) -> list[list[float | None]]:
+    """thresholds[level][group]: the k-th smallest score of each group, k = round(level * size of the group).
+
+    ``scores`` are each group's scores that this rank counts; the largest score to zero at a level is the k-th
+    smallest, None when nothing is pruned. One sort per group where the scores are all here (``layout`` None or not
+    sharded), the distributed selection where they are spread over the ranks.
+    """
+    ks = [[round(level * size) for level in levels] for size in sizes]
+    if layout is not None and layout.sharded:
+        by_group = layout.kth_smallest(list(scores), ks)
+    else:
+        by_group = [[None if k == 0 else float(ranked[k - 1].item()) for k in group_ks]
+                    for ranked, group_ks in zip((sort_ascending(s.flatten()) for s in scores), ks, strict=True)]
+    return [list(column) for column in zip(*by_group, strict=True)]
 
 
-def _global(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+def _global(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
     dtype = compute_dtype(*(b.dtype for b in backups))  # rank every tensor in one dtype: comparisons stay exact
-    ranked = sort_ascending(torch.cat([_magnitudes(b, dtype).flatten() for b in backups]))
-    thresholds = [[_kth_threshold(ranked, level)] * len(backups) for level in levels]
-    del ranked
-    return ThresholdPlan(thresholds, (_magnitudes(b, dtype) for b in backups))
+    pooled = torch.cat([layout.counted_part(i, _magnitudes(b, dtype)) for i, b in enumerate(backups)])
+    [column] = zip(*_thresholds([pooled], [layout.size()], levels, layout), strict=True)
+    del pooled
+    return ThresholdPlan([[t] * len(backups) for t in column], (_magnitudes(b, dtype) for b in backups), layout)
 
 
-def _layerwise(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+def _layerwise(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
     def magnitudes() -> Iterator[Tensor]:
         return (_magnitudes(b, compute_dtype(b.dtype)) for b in backups)
 
-    return ThresholdPlan(_per_tensor(magnitudes(), levels), magnitudes())
+    counted = (layout.counted_part(i, m) for i, m in enumerate(magnitudes()))
+    sizes = [layout.size(i) for i in range(len(backups))]
+    return ThresholdPlan(_thresholds(counted, sizes, levels, layout), magnitudes(), layout)
 
 
-def _neuron(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    # l2 norm of each slice along dim 0, shaped to broadcast against the tensor
-    norms = [b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)).norm(dim=1).reshape(-1, *([1] * (b.ndim - 1)))
-             for b in backups]
-    return ThresholdPlan(_per_tensor(norms, levels), norms)
+def _unit_norms(layout: Layout, index: int, backup: Tensor) -> Tensor:
+    """The l2 norm of every unit (slice along dim 0) of whole tensor ``index``, in its compute dtype, on every rank."""
+    dtype = compute_dtype(backup.dtype)
+    return layout.unit_values(index, as_units(backup), whole=lambda rows: rows.to(dtype).norm(dim=1),
+                              partial=squared_sums, finish=lambda sums: sums.sqrt().to(dtype))
 
 
-def _svd(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+def _neuron(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
+    norms = [_unit_norms(layout, i, b) for i, b in enumerate(backups)]
+    thresholds = _thresholds(norms, [n.numel() for n in norms], levels, None)  # every rank holds all the norms
+    # each rank's units, shaped to broadcast against its part
+    scores = [layout.local_units(i, norm).reshape(-1, *([1] * (b.ndim - 1)))
+              for i, (norm, b) in enumerate(zip(norms, backups, strict=True))]
+    return ThresholdPlan(thresholds, scores, layout)
+
+
+def _svd(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
     values: list[list[Tensor | None]] = [[] for _ in levels]
     drops: list[list[int]] = [[] for _ in levels]
     ranks = []
@@ -167,11 +189,22 @@ class InPlaceMethod:
     rule: Rule
     zeroes_entries: bool = True
     matrices: bool = False
+    shards: bool = True
     in_place: bool = True
     extra: str | None = None
 
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
-        """Refuse tensors the rule cannot read (``matrices``: fewer than 2 dimensions, NaN or infinity)."""
+        """Refuse tensors the rule cannot read.
+
+        That is: with ``matrices``, fewer than 2 dimensions, NaN or infinity; without ``shards``, sharded tensors.
+        """
+        sharded = [t.name for t in targets if is_sharded(t.current())]
+        if sharded and not self.shards:
+            raise ValueError(
+                f"This method needs each selected tensor whole on one rank, and {sharded} of {type(model).__name__} are"
+                f" sharded (DTensors: FSDP2, tensor parallelism). Use one of the mask methods {MASK_METHODS}, which"
+                " prune sharded tensors shard by shard with global thresholds."
+            )
         if not self.matrices:
             return
         vectors = [t.name for t in targets if t.current().ndim < 2]
@@ -187,7 +220,7 @@ class InPlaceMethod:
     def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
         """One state per level; activating one writes its values from the plan, made once (one sort)."""
         self.check(task.model, task.targets, None, task.forward)
-        plan = self.rule(writer.backups, task.levels)
+        plan = self.rule(writer.backups, task.levels, writer.layout)
         return [LevelState(task.model, writer, plan, i, task.where(level), level > 0.0)
                 for i, level in enumerate(task.levels)]
 
@@ -196,7 +229,7 @@ REGISTRY: dict[str, PruningMethod] = {
     "global": InPlaceMethod(_global),
     "layerwise": InPlaceMethod(_layerwise),
     "neuron": InPlaceMethod(_neuron),
-    "svd": InPlaceMethod(_svd, zeroes_entries=False, matrices=True),
+    "svd": InPlaceMethod(_svd, zeroes_entries=False, matrices=True, shards=False),
     "structured": StructuredMethod(),
 }
 """Method name -> method: the one place a method is chosen by its name."""
