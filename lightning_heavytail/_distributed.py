@@ -189,10 +189,18 @@ def ordered_keys(values: Tensor) -> Tensor:
 
     Every NaN becomes one value above +inf; ``from_key`` reads a key back.
     """
-    canonical = torch.where(torch.isnan(values), torch.full_like(values, math.nan).abs(), values)
-    bits = canonical.view(_KEY_DTYPES[values.dtype])
-    flip = torch.iinfo(bits.dtype).max  # negative floats: reverse their order, keep the sign bit
-    return torch.where(bits < 0, bits ^ flip, bits)
+    key_dtype = _KEY_DTYPES[values.dtype]
+    keys = values.view(key_dtype).clone()  # one buffer, changed in place: the size of the values, no more
+    keys.masked_fill_(torch.isnan(values), _nan_key(values.dtype))
+    negative = keys < 0
+    if bool(negative.any()):  # negative floats: reverse their order, keep the sign bit
+        keys[negative] = keys[negative] ^ torch.iinfo(key_dtype).max
+    return keys
+
+
+def _nan_key(dtype: torch.dtype) -> int:
+    """The bits of the positive quiet NaN of ``dtype``, as a signed integer."""
+    return int(torch.tensor([math.nan], dtype=dtype).abs().view(_KEY_DTYPES[dtype]).item())
 
 
 def from_key(key: int, dtype: torch.dtype) -> float:
@@ -215,7 +223,9 @@ def kth_smallest_distributed(values: Sequence[Tensor], ks: Sequence[Sequence[int
     if any(v.dtype != dtype for v in values):
         raise ValueError(f"kth_smallest needs one dtype for every group, got {sorted({str(v.dtype) for v in values})}")
     bits = torch.iinfo(_KEY_DTYPES[dtype]).bits
-    keys = [np.sort(ordered_keys(v.detach()).cpu().numpy()) for v in values]
+    keys = [ordered_keys(v.detach()).cpu().numpy() for v in values]
+    for array in keys:
+        array.sort()  # in place: no copy
     queries = [(group, k) for group, group_ks in enumerate(ks) for k in group_ks if k > 0]
     low = [-(1 << (bits - 1))] * len(queries)  # each query's range: [low, low + width)
     width = 1 << bits

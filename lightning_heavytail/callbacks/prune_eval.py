@@ -92,7 +92,9 @@ class PruneEvalCallback(Callback):
     setup. Under DDP every rank evaluates every ``world_size``-th batch of the same data, without the duplicates a
     padding ``DistributedSampler`` would add; the metrics are synced by torchmetrics, and every rank evaluates with
     rank 0's buffers (BatchNorm statistics differ between ranks; rank 0's are the ones checkpointed), so every rank
-    gets the same curve, equal to the single-process curve of the saved model.
+    gets the same curve, equal to the single-process curve of the saved model. Under ``ModelParallelStrategy`` with
+    FSDP2 (``fully_shard``, ``tensor_parallel_size=1``) the same holds for the mask methods: each rank prunes its
+    shards with global thresholds found without gathering (see ``docs/multi_gpu.md``).
 
     Logged with ``pl_module.log`` (so ``ModelCheckpoint`` and ``EarlyStopping`` can ``monitor`` them), with
     ``log_prefix="pruning"``:
@@ -146,7 +148,9 @@ class PruneEvalCallback(Callback):
     Raises:
         TypeError: at construction, for an argument of the wrong type.
         ValueError: at construction, for a bad argument value (the message names it, the allowed values and the value
-            given); at setup, if there is no evaluation data or another PruneEvalCallback has the same ``log_prefix``;
+            given); at setup, if there is no evaluation data or another PruneEvalCallback has the same ``log_prefix``,
+            or the strategy shards parameters in a way the evaluation cannot follow (FSDP1, DeepSpeed, tensor
+            parallelism, or ``"structured"``/``"svd"`` under ``ModelParallelStrategy``: the message names what works);
             at fit start, before the first training step, if the model's output cannot be scored, ``auc_metric`` is not
             a computed metric, nothing is selected for pruning, or ``method="structured"`` and torch-pruning cannot
             trace the model (the message names the layer and suggests another method), or under DDP the data has
