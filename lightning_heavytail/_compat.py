@@ -68,3 +68,17 @@ def split_indices(placement: Any, indices: Tensor, chunks: int) -> Sequence[Tens
         )
     parts, _ = along_zero._split_tensor(indices, chunks, with_padding=False)
     return list(parts)
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size of a ``ModelParallelStrategy``: its device mesh's once processes exist.
+
+    Before that (a strategy not yet set up) it is the private ``_tensor_parallel_size`` it was built with, where
+    ``"auto"`` stands for the number of processes; Lightning has no public accessor for it.
+    """
+    try:
+        mesh = strategy.device_mesh
+    except RuntimeError:  # "Accessing the device mesh before processes have initialized is not allowed"
+        size = strategy._tensor_parallel_size
+        return int(strategy.num_processes if size == "auto" else size)
+    return int(mesh["tensor_parallel"].size())

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,7 @@ from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, compute_d
 from lightning_heavytail.pruning.curve import level_label
 from lightning_heavytail.pruning.epsilon import prunable_units
 from lightning_heavytail.selection import ParamSelector, select_parameters
+from lightning_heavytail.sharding import is_sharded
 
 __all__ = [
     "best_k_relative_error",
@@ -275,6 +276,55 @@ def _tail_estimate(estimator: Any, weight: Tensor) -> float:
         return math.nan
 
 
+class _Stats(Protocol):
+    """The report's quantities of each selected tensor (``_WholeStats``, or ``ShardedStats`` under sharding)."""
+
+    def finite(self) -> list[bool]: ...
+
+    def prunable_units(self, index: int, epsilon: float) -> tuple[int, int]: ...
+
+    def best_k_errors(self, indices: Sequence[int], levels: Sequence[float]) -> list[float]: ...
+
+    def tail_indices(self, index: int, finite: bool) -> dict[str, float]: ...
+
+
+class _WholeStats:
+    """The report's quantities of whole tensors (one process, DDP)."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.weights = [t.detach() for t in tensors]
+
+    def finite(self) -> list[bool]:
+        return [all_finite(w) for w in self.weights]
+
+    def prunable_units(self, index: int, epsilon: float) -> tuple[int, int]:
+        return prunable_units(self.weights[index], epsilon)
+
+    def best_k_errors(self, indices: Sequence[int], levels: Sequence[float]) -> list[float]:
+        chosen = [self.weights[i] for i in indices]
+        dtype = compute_dtype(*(w.dtype for w in chosen))  # one dtype for all: the ranking stays exact
+        magnitudes = [w.abs().flatten().to(dtype) for w in chosen]
+        return _best_k_errors(sort_ascending(magnitudes[0] if len(chosen) == 1 else torch.cat(magnitudes)), levels)
+
+    def tail_indices(self, index: int, finite: bool) -> dict[str, float]:
+        weight = self.weights[index]
+        means = unit_means(weight)
+        return {label: _tail_estimate(estimator, sample) for label, estimator, sample in (
+            ("alpha_mohammadi", mohammadi_alpha, weight),
+            ("alpha_hill", hill_alpha, weight),
+            ("alpha_mohammadi_units", mohammadi_alpha, means),
+            ("alpha_hill_units", hill_alpha, means),
+        )}
+
+
+def _stats_of(tensors: Sequence[Tensor]) -> _Stats:
+    if any(is_sharded(t) for t in tensors):
+        from lightning_heavytail._sharded_stats import ShardedStats  # it uses this module's estimators
+
+        return ShardedStats(tensors)
+    return _WholeStats(tensors)
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -327,41 +377,27 @@ def compressibility_report(
     keys = _report_keys(levels)
     eps = validate_epsilon(epsilon)
     selected = select_parameters(model, params, exclude=exclude)
+    stats = _stats_of([p for _, p in selected])
     report: dict[str, float] = {}
     prunable_total = units_total = 0
     alphas: dict[str, list[float]] = {key: [] for key in _TAIL_KEYS}
     with torch.no_grad():
-        finite = all(all_finite(p) for _, p in selected)
-        for name, param in selected:
-            weight = param.detach()
-            if finite:
-                prunable, units = prunable_units(weight, eps)
+        finite = stats.finite()
+        for index, (name, _) in enumerate(selected):
+            errors = [math.nan] * len(levels)
+            report[f"fraction_prunable/{name}"] = math.nan
+            if finite[index]:
+                prunable, units = stats.prunable_units(index, eps)
                 report[f"fraction_prunable/{name}"] = prunable / units
                 prunable_total, units_total = prunable_total + prunable, units_total + units
-                errors = _best_k_errors(sort_ascending(weight.abs().flatten()), levels)
-            else:
-                report[f"fraction_prunable/{name}"] = fraction_prunable(weight, eps)
-                errors = [best_k_relative_error(weight, level) for level in levels]
+                errors = stats.best_k_errors([index], levels)
             for key, error in zip(keys, errors, strict=True):
                 report[f"{key}/{name}"] = error
-            means = unit_means(weight)
-            for label, estimator, sample in (
-                ("alpha_mohammadi", mohammadi_alpha, weight),
-                ("alpha_hill", hill_alpha, weight),
-                ("alpha_mohammadi_units", mohammadi_alpha, means),
-                ("alpha_hill_units", hill_alpha, means),
-            ):
-                value = _tail_estimate(estimator, sample)
+            for label, value in stats.tail_indices(index, finite[index]).items():
                 report[f"{label}/{name}"] = value
                 alphas[label].append(value)
-        report["fraction_prunable/total"] = prunable_total / units_total if finite else math.nan
-        if finite:
-            dtype = compute_dtype(*(p.dtype for _, p in selected))
-            pooled = sort_ascending(torch.cat([p.detach().abs().flatten().to(dtype) for _, p in selected]))
-            pooled_errors = _best_k_errors(pooled, levels)
-            del pooled
-        else:
-            pooled_errors = [math.nan] * len(levels)
+        report["fraction_prunable/total"] = prunable_total / units_total if all(finite) else math.nan
+        pooled_errors = stats.best_k_errors(range(len(selected)), levels) if all(finite) else [math.nan] * len(levels)
         for key, error in zip(keys, pooled_errors, strict=True):
             report[f"{key}/total"] = error
     for label, values in alphas.items():

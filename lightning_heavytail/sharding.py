@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_heavytail._compat import split_indices
 
-__all__ = ["LocalBlock", "is_sharded", "local_part"]
+__all__ = ["LocalBlock", "fsdp_modules", "is_sharded", "local_part", "reshard"]
 
 DimIndices = range | tuple[int, ...]
 """The global indices held along one dimension: a range when contiguous."""
@@ -144,3 +144,20 @@ def local_part(tensor: Tensor) -> tuple[Tensor, LocalBlock]:
             f" {tuple(block.local_shape)}: this layout is not supported"
         )
     return local, block
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` that FSDP2 (``torch.distributed.fsdp.fully_shard``) manages, root included."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def reshard(modules: Sequence[nn.Module]) -> None:
+    """Free the gathered parameters of FSDP2 ``modules`` (``FSDPModule.reshard``; a no-op where they are sharded).
+
+    The next forward then gathers the shards again: FSDP2 keeps the root's parameters gathered after a forward, so a
+    write into its shards would not be seen by the next forward without this.
+    """
+    for module in modules:
+        module.reshard()  # type: ignore[operator]

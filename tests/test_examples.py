@@ -212,3 +212,10 @@ def test_fsdp2_two_cpu_processes(tmp_path):
     assert report["noise_step"] == 4 and report["noised_parameters"] == ["net.hidden1.weight"]
     assert 0.0 <= report["fraction_prunable_hidden"] <= 1.0
     assert proc.stdout.count("rows per rank") == 1  # rank 0 reports
+    # PruneEvalCallback under FSDP2: the last epoch's curves, equal to one process evaluating the gathered weights
+    assert report["pruning_epoch"] == 1 and sorted(report["pruning"]) == ["global", "neuron"]
+    for curve in report["pruning"].values():
+        assert len(curve["accuracy"]) == 3 and curve["sparsities"][0] == 0.0 < curve["sparsities"][-1]
+    assert report["same_curves_in_one_process"] is True
+    assert 0.0 <= report["epsilon_ratio"] <= 1.0
+    assert (tmp_path / "prune_eval.json").exists()  # the history, written by rank 0

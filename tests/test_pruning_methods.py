@@ -43,17 +43,18 @@ def low_rank_by_hand(weight: Tensor, level: float) -> Tensor:
 
 
 class Recorder:
-    """A forward_fn that keeps the weights the model holds when it scores the first of 3 batches, level by level.
+    """A forward_fn that keeps the weights the model holds when it scores the first batch, level by level.
 
-    The first call, the probe's (one batch, before anything is pruned), is not recorded: the probe also records which
-    torch calls use which weight, and a copy made here would count as a use.
+    The evaluation loads each batch once and runs every level on it, in order, so the calls after the probe's come
+    level by level on the first batch. The first call, the probe's (before anything is pruned), is not recorded: the
+    probe also records which torch calls use which weight, and a copy made here would count as a use.
     """
 
-    def __init__(self, names: list[str]) -> None:
-        self.names, self.calls, self.levels = names, 0, []
+    def __init__(self, names: list[str], levels: int = len(LEVELS)) -> None:
+        self.names, self.calls, self.levels, self.count = names, 0, [], levels
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-        if self.calls > 0 and (self.calls - 1) % 3 == 0:
+        if 0 < self.calls <= self.count:
             tensors = dict(model.named_parameters())
             self.levels.append({name: tensors[name].detach().clone() for name in self.names})
         self.calls += 1
@@ -100,7 +101,7 @@ def test_svd_of_matrices_built_by_hand() -> None:
     with torch.no_grad():
         net[0].weight.copy_(permuted)
         net[4].weight.copy_(rank_one.T)  # (4, 3): rank 1 of 3
-    recorder = Recorder(["0.weight", "4.weight"])
+    recorder = Recorder(["0.weight", "4.weight"], levels=3)
     data = [(torch.randn(4, 5), torch.randint(0, 4, (4,))) for _ in range(3)]
     evaluate_pruning_curve(net, data, (0.0, 0.4, 0.6), method="svd", params=["0.weight", "4.weight"],
                            forward_fn=recorder)
@@ -120,7 +121,7 @@ def test_svd_reshapes_a_conv_kernel_to_out_by_the_rest() -> None:
                          nn.Linear(8 * 2 * 2, 4))
     kernel = conv[2].weight  # (8, 6, 3, 3): an 8 x 54 matrix, rank 8
     data = [(torch.randn(5, 3, 6, 6), torch.randint(0, 4, (5,))) for _ in range(3)]
-    recorder = Recorder(["2.weight"])
+    recorder = Recorder(["2.weight"], levels=2)
     curve = evaluate_pruning_curve(conv, data, (0.0, 0.5), method="svd", forward_fn=recorder)
     assert curve.params == ["2.weight"]  # the default: not the first conv, not the output layer
     assert curve.sparsities == [0.0, 0.5]

@@ -2,7 +2,7 @@
 
 ``PruneEvalCallback`` evaluates the model at several sparsity levels at the end of training epochs and logs the
 pruning curve, its area, and the compressibility metrics of Wan et al. (2024). All pruning and all metrics come from the
-functional core (``lightning_heavytail.pruning.evaluate_pruning_curve`` and
+functional core (``lightning_heavytail.pruning.evaluate_pruning``, every method in one pass, and
 ``lightning_heavytail.compressibility.compressibility_report``); the callback's hooks only decide *when* to evaluate;
 the evaluation data and its DDP shards come from ``_eval_data``, the records, files and figures from
 ``_prune_history``.
@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -30,7 +30,6 @@ from lightning_heavytail._checks import (
     check_metric_name,
     check_metrics,
     check_name,
-    check_strategy,
     validate_epsilon,
     validate_forward,
     validate_sparsities,
@@ -51,6 +50,7 @@ from lightning_heavytail.callbacks._prune_history import (
     to_tensorboard,
     write_history,
 )
+from lightning_heavytail.callbacks._prune_support import check_distinct, check_strategy_supported, known_metric_names
 from lightning_heavytail.compressibility import DEFAULT_REPORT_SPARSITIES, compressibility_report
 from lightning_heavytail.pruning import (
     DEFAULT_METRIC_KEY,
@@ -58,8 +58,7 @@ from lightning_heavytail.pruning import (
     OutputKey,
     PruningCurve,
     check_prunable,
-    evaluate_at_epsilon,
-    evaluate_pruning_curve,
+    evaluate_pruning,
     level_label,
     rng_preserved,
     tensor_view,
@@ -71,8 +70,6 @@ __all__ = ["PruneEvalCallback"]
 
 _STATE_VERSION = 1
 _DEFAULT_PREFIX = "pruning"
-_SHARDING_REFUSED = "it shards parameters, and the pruning evaluation needs every rank to hold the full model"
-_USE_INSTEAD = "Use a single-device or DDP-family strategy."
 
 
 class PruneEvalCallback(Callback):
@@ -80,9 +77,11 @@ class PruneEvalCallback(Callback):
 
     At the end of every ``every_n_epochs``-th training epoch, the model is evaluated on ``dataloader`` at each level of
     ``sparsities`` with each pruning ``method`` (see ``evaluate_pruning_curve``), and the compressibility metrics of
-    its weights are computed (see ``compressibility_report``). The model is never changed: every parameter and buffer
-    is bitwise restored, train/eval modes and ``requires_grad`` too, also when the evaluation raises; the
-    optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned weights.
+    its weights are computed (see ``compressibility_report``). One pass over the data serves every level of every
+    method and the epsilon point (``evaluate_pruning``): each batch is loaded once. The model is never changed:
+    every parameter and buffer is bitwise restored, train/eval modes and ``requires_grad`` too, also when the
+    evaluation raises; the optimizer state is not touched, so a checkpoint saved in the same epoch holds the unpruned
+    weights.
 
     What is pruned: by default (``params=None``) the weights the forward pass uses, less the output layer (the last
     weight it uses) and the first conv, as in the paper, for every method and for the compressibility report; the
@@ -98,7 +97,9 @@ class PruneEvalCallback(Callback):
     setup. Under DDP every rank evaluates every ``world_size``-th batch of the same data, without the duplicates a
     padding ``DistributedSampler`` would add; the metrics are synced by torchmetrics, and every rank evaluates with
     rank 0's buffers (BatchNorm statistics differ between ranks; rank 0's are the ones checkpointed), so every rank
-    gets the same curve, equal to the single-process curve of the saved model.
+    gets the same curve, equal to the single-process curve of the saved model. Under ``ModelParallelStrategy`` with
+    FSDP2 (``fully_shard``, ``tensor_parallel_size=1``) the same holds for the mask methods: each rank prunes its
+    shards with global thresholds found without gathering (see ``docs/multi_gpu.md``).
 
     Logged with ``pl_module.log`` (so ``ModelCheckpoint`` and ``EarlyStopping`` can ``monitor`` them), with
     ``log_prefix="pruning"``:
@@ -145,7 +146,8 @@ class PruneEvalCallback(Callback):
             ``sparsities``.
         log_prefix: prefix of every logged name.
         compressibility: compute and log the compressibility report.
-        epsilon_point: evaluate and log the model pruned at the epsilon point (one more pass over the data).
+        epsilon_point: evaluate and log the model pruned at the epsilon point (in the same pass over the data as the
+            curves).
         log_figure: send the curve figure to every ``TensorBoardLogger``.
         filename: base name of the JSON and CSV files written into the run directory (followed by the prefix when it
             is not the default, see ``history_stem``); ``None`` writes no files.
@@ -155,7 +157,9 @@ class PruneEvalCallback(Callback):
     Raises:
         TypeError: at construction, for an argument of the wrong type.
         ValueError: at construction, for a bad argument value (the message names it, the allowed values and the value
-            given); at setup, if there is no evaluation data or another PruneEvalCallback has the same ``log_prefix``;
+            given); at setup, if there is no evaluation data or another PruneEvalCallback has the same ``log_prefix``,
+            or the strategy shards parameters in a way the evaluation cannot follow (FSDP1, DeepSpeed, tensor
+            parallelism, or ``"structured"``/``"svd"`` under ``ModelParallelStrategy``: the message names what works);
             at fit start, before the first training step, if the model's output cannot be scored, ``auc_metric`` is not
             a computed metric, nothing is selected for pruning, or ``method="structured"`` and torch-pruning cannot
             trace the model (the message names the layer and suggests another method), or under DDP the data has
@@ -242,7 +246,7 @@ class PruneEvalCallback(Callback):
             check_bool(flag, name)
         check_name(filename, "filename", allow_none=True, file_name=True)
         check_name(auc_metric, "auc_metric", allow_none=True)
-        known = _known_metric_names(metrics)
+        known = known_metric_names(metrics)
         if auc_metric is not None and known is not None:
             check_metric_name(auc_metric, known, "auc_metric")
 
@@ -331,20 +335,8 @@ class PruneEvalCallback(Callback):
 
     def _setup(self, trainer: Trainer) -> None:
         """Check the strategy, the other PruneEvalCallbacks and the figures; find the evaluation data (not load it)."""
-        check_strategy(trainer.strategy, "PruneEvalCallback", why=_SHARDING_REFUSED, instead=_USE_INSTEAD)
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, PruneEvalCallback):
-                continue
-            if other.log_prefix == self.log_prefix:
-                raise ValueError(
-                    f"Two PruneEvalCallbacks have `log_prefix`={self.log_prefix!r}: their logged names and history"
-                    " files would overwrite each other. Give each a distinct `log_prefix`."
-                )
-            if self.history_stem is not None and other.history_stem == self.history_stem:
-                raise ValueError(
-                    f"Two PruneEvalCallbacks (log_prefix {self.log_prefix!r} and {other.log_prefix!r}) would write the"
-                    f" same history files {self.history_stem}.json/.csv. Give them distinct `filename`s."
-                )
+        check_strategy_supported(trainer.strategy, self.methods)
+        check_distinct(self, trainer.callbacks)  # type: ignore[attr-defined]
         if self.log_figure and tensorboards(trainer.loggers):
             require("figures", "PruneEvalCallback(log_figure=True) with a TensorBoardLogger (or log_figure=False)")
         self._lightning_source = None
@@ -388,14 +380,12 @@ class PruneEvalCallback(Callback):
         common: dict[str, Any] = {"metrics": self.metrics, "forward_fn": self.forward_fn,
                                   "output_key": self.output_key, "device": pl_module.device}
         with trainer.precision_plugin.forward_context(), rank_zero_buffers(pl_module, trainer.world_size):
-            curves = {method: evaluate_pruning_curve(pl_module, batches, self.sparsities, method=method,
-                                                     params=self.params, exclude=self.exclude, **common)
-                      for method in self.methods}
-            pruned = set(curves[self.methods[0]].params)  # the report and the epsilon point: the curves' tensors
-            point = None
-            if self.epsilon_point:
-                point = evaluate_at_epsilon(pl_module, batches, epsilon=self.epsilon,
-                                            params=lambda name, _: name in pruned, **common)
+            # every method's levels and the epsilon point in one pass over the data
+            evaluation = evaluate_pruning(pl_module, batches, self.sparsities, methods=self.methods,
+                                          epsilon=self.epsilon if self.epsilon_point else None, params=self.params,
+                                          exclude=self.exclude, **common)
+        curves, point = evaluation.curves, evaluation.at_epsilon
+        pruned = set(curves[self.methods[0]].params)  # the report: the curves' tensors
         report: dict[str, float] = {}
         if self.compressibility:
             report = compressibility_report(tensor_view(pl_module), params=lambda name, _: name in pruned,
@@ -435,11 +425,3 @@ class PruneEvalCallback(Callback):
         check_metric_name(name, curve.metrics, "auc_metric")
         return name
 
-
-def _known_metric_names(metrics: Metric | MetricCollection | None) -> Collection[str] | None:
-    """The names the curve's metrics will have, where they are known before any evaluation."""
-    if metrics is None:
-        return {DEFAULT_METRIC_KEY}
-    if isinstance(metrics, MetricCollection):
-        return {str(key) for key in metrics.keys(keep_base=False)}
-    return None  # a single Metric may return one value (named after its class) or a dict

@@ -5,7 +5,8 @@ The package, by role:
 - ``curve``: what an evaluation returns (``PruningCurve``, ``EpsilonPoint``) and the labels of levels.
 - ``methods``: the methods and their rules, chosen by name through one registry (``REGISTRY``), see there for
   each method's rule: ``"global"``, ``"layerwise"``, ``"neuron"`` (the paper's), ``"svd"`` and ``"structured"``.
-- ``evaluate``: ``evaluate_pruning_curve`` and ``check_prunable``.
+- ``evaluate``: ``evaluate_pruning_curve``, ``evaluate_pruning`` (several methods and the epsilon point in one pass) and
+  ``check_prunable``.
 - ``epsilon``: the paper's measurement, ``evaluate_at_epsilon``, and ``evaluate_at_ratios``.
 
 What is pruned: ``params=None`` (the default) prunes the weights (tensors with 2+ dimensions) the forward pass uses
@@ -22,6 +23,10 @@ mode, no grad, model and RNG left as they were), and an output that cannot be sc
 what came back and how to fix it: a dict or tuple (``output_key``, ``forward_fn``), ``(N, 1)`` scores or float targets
 with the default accuracy (a binary or regression metric), complex predictions, a metric that fails on the output. NaN
 or infinite predictions are refused there and at every level: they are never scored.
+
+One pass over the data: each batch is loaded once and every level (of every method, with ``evaluate_pruning``) runs
+on it in turn, each scored into its own copy of the metrics; a rule's values for every level are computed once per
+evaluation (one sort), and writing a level for a batch costs a small part of a forward pass (see ``_plans``).
 
 The model is never changed: the in-place methods keep one backup of the selected tensors, write each level in place
 and restore the weights in a ``finally`` block; evaluation runs under ``torch.no_grad()``.
@@ -40,7 +45,13 @@ from lightning_heavytail.pruning._scoring import ForwardFn, OutputKey
 from lightning_heavytail.pruning._targets import tensor_view
 from lightning_heavytail.pruning.curve import DEFAULT_METRIC_KEY, EpsilonPoint, PruningCurve, level_label
 from lightning_heavytail.pruning.epsilon import evaluate_at_epsilon, evaluate_at_ratios, prunable_units
-from lightning_heavytail.pruning.evaluate import PruningCheck, check_prunable, evaluate_pruning_curve
+from lightning_heavytail.pruning.evaluate import (
+    PruningCheck,
+    PruningEvaluation,
+    check_prunable,
+    evaluate_pruning,
+    evaluate_pruning_curve,
+)
 from lightning_heavytail.pruning.methods import MASK_METHODS, PRUNING_METHODS, REGISTRY, validate_method
 
 __all__ = [
@@ -53,9 +64,11 @@ __all__ = [
     "OutputKey",
     "PruningCheck",
     "PruningCurve",
+    "PruningEvaluation",
     "check_prunable",
     "evaluate_at_epsilon",
     "evaluate_at_ratios",
+    "evaluate_pruning",
     "evaluate_pruning_curve",
     "level_label",
     "prunable_units",

@@ -28,6 +28,7 @@ from lightning_heavytail._checks import (
     resolve_device,
     validate_forward,
 )
+from lightning_heavytail._distributed import every_rank
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning._evaluator import model_preserved, rng_preserved
 from lightning_heavytail.pruning._scoring import (
@@ -48,6 +49,7 @@ from lightning_heavytail.pruning._targets import (
     view_names_by_id,
 )
 from lightning_heavytail.selection import ParamSelector, select_parameters, uninitialized_parameters
+from lightning_heavytail.sharding import fsdp_modules, is_sharded, local_part, reshard
 
 
 def _tensors_in(value: Any) -> Iterator[Tensor]:
@@ -66,12 +68,17 @@ class _UseRecorder(TorchFunctionMode):
     """Records, by identity, the order in which torch functions receive the model's parameters.
 
     Each call is numbered; for each tensor name the first and last call that used it, and for each tensor a call
-    returned, that call's number (to find when the predictions were made).
+    returned, that call's number (to find when the predictions were made). Reading an attribute counts as a use only
+    if it gives a tensor (``weight.T`` does; ``weight.dtype``, ``.device``, ``.requires_grad``, which FSDP2 reads
+    around every forward, do not). A parameter used that it does not know yet (FSDP2 puts gathered parameters in
+    place of the sharded ones for the forward) is looked up among the model's parameters as they are at that moment.
     """
 
-    def __init__(self, names: dict[int, str]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.names = names
+        self.model = model
+        self.names = view_names_by_id(model)
+        self.strangers: set[int] = set()  # ids of parameters that are none of the model's
         self.calls = 0
         self.first: dict[str, int] = {}
         self.uses: dict[str, list[int]] = {}
@@ -80,14 +87,21 @@ class _UseRecorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.calls += 1
+        call = self.calls
+        result = func(*args, **kwargs)  # the mode is off inside: no call is counted twice
+        if isinstance(result, Tensor):
+            self.made[id(result)] = (weakref.ref(result), call)
+        if getattr(func, "__name__", "") == "__get__" and not isinstance(result, Tensor):
+            return result  # metadata, not a use of the values
         for tensor in _tensors_in((args, kwargs)):
+            if isinstance(tensor, nn.Parameter) and id(tensor) not in self.names and id(tensor) not in self.strangers:
+                self.names.update(view_names_by_id(self.model))
+                if id(tensor) not in self.names:
+                    self.strangers.add(id(tensor))
             name = self.names.get(id(tensor))
             if name is not None:
-                self.first.setdefault(name, self.calls)
-                self.uses.setdefault(name, []).append(self.calls)
-        result = func(*args, **kwargs)
-        if isinstance(result, Tensor):
-            self.made[id(result)] = (weakref.ref(result), self.calls)
+                self.first.setdefault(name, call)
+                self.uses.setdefault(name, []).append(call)
         return result
 
     def last_use(self, preds: Tensor) -> dict[str, int]:
@@ -109,24 +123,35 @@ class Probe:
     last_use: dict[str, int]  # ... the last call that used it up to the one that made the predictions
 
 
-def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool, device: torch.device) -> Probe:
+def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool, device: torch.device,
+          sharded: bool = False) -> Probe:
     """Run the evaluation's forward on ``batch`` (eval mode, no grad) and refuse an output that cannot be scored.
 
-    The model (parameters, buffers, modes) and the global RNGs are left as they were.
+    The model (parameters, buffers, modes) and the global RNGs are left as they were. With ``sharded`` parameters
+    every rank runs it, and non-finite predictions on one rank make every rank raise.
     """
-    recorder = _UseRecorder(view_names_by_id(model))
+    recorder = _UseRecorder(model)
     with model_preserved(model), rng_preserved(device), torch.no_grad():
         model.eval()
-        with recorder:
-            out = forward(model, batch)
+        try:
+            with recorder:
+                out = forward(model, batch)
+        finally:
+            reshard(fsdp_modules(model))  # FSDP2 leaves the root's parameters gathered (and registered) otherwise
     preds, target = checked_outputs(out)
-    if not all_finite(preds):
-        for name, tensor in tensor_view(model).named_parameters():
-            if not all_finite(tensor):
+    finite = all_finite(preds)
+    if not (every_rank([finite], device)[0] if sharded else finite):
+        named = list(tensor_view(model).named_parameters())
+        finite_parts = [all_finite(local_part(tensor)[0]) for _, tensor in named]
+        for (name, _), ok in zip(named, every_rank(finite_parts, device) if sharded else finite_parts, strict=True):
+            if not ok:
                 raise ValueError(
                     f"Parameter {name!r} holds NaN or infinity, and the model's predictions on the first batch are not"
                     " finite: nothing is scored."
                 )
+        if finite:  # another rank's predictions
+            raise ValueError("The model's predictions on another rank's first batch hold NaN or infinity (see its"
+                             " error); nothing is scored.")
     check_finite_predictions(preds, "the unpruned model, on the first batch", pruned=False)
     if default_metric:
         check_default_metric_inputs(preds, target)
@@ -215,9 +240,10 @@ def prepare(model: Any, dataloader: Any, metrics: Metric | MetricCollection | No
     device_ = resolve_device(model, device)
     forward = make_forward(forward_fn, output_key)
     tensor_view(model)  # lazy parameters: refused before any forward could materialize them
-    scorer = Scorer(dataloader, forward, device_)
+    sharded = any(is_sharded(p) for p in model.parameters())
+    scorer = Scorer(dataloader, forward, device_, sharded)
     example = scorer.example_batch()
-    found = probe(model, example, forward, metrics is None, device_)
+    found = probe(model, example, forward, metrics is None, device_, sharded)
     scorer.collection = metric_collection(metrics, found.preds, device_)
     metric_names(scorer.collection, found.preds, found.target)
     return Run(scorer, example, forward, found, patterns)

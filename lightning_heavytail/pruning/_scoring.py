@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._compat import unsynced
+from lightning_heavytail._distributed import every_rank
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning.curve import DEFAULT_METRIC_KEY
 
@@ -21,6 +22,8 @@ ForwardFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
 
 OutputKey = str | int
 """``output_key``: a key of a dict output (``"logits"``) or an index of a tuple output."""
+
+_END = object()  # the end of an iterator
 
 
 def describe(value: Any) -> str:
@@ -176,27 +179,61 @@ def metric_names(collection: MetricCollection, preds: Tensor, target: Any) -> li
     return [str(name) for name in values]
 
 
-class Scorer:
-    """Runs a model over the data and returns the metrics as floats: the score of one model state.
+class State(Protocol):
+    """One model state scored over a pass: a level of a method, a pruned copy, the epsilon point."""
 
-    ``update`` scores one batch into a collection and ``compute`` reads it, so a caller can also hold one collection
-    per model state and score every state on each batch as it is loaded.
+    where: str  # what is scored, for error messages
+    pruned: bool  # whether anything is pruned (says where NaN predictions come from)
+
+    def activate(self) -> nn.Module:
+        """Make the state current (write its values, or pick its copy); return the module to run on the batch."""
+
+
+class Scorer:
+    """Runs model states over the data, in one pass, and returns each state's metrics as floats.
+
+    The first batch is loaded once: ``example_batch`` keeps the loader's iterator open after it, and the next pass
+    starts with that batch and goes on with the same iterator. ``score`` loads each batch once and scores every state
+    on it, each into its own copy of the metrics.
+
+    With ``sharded`` parameters (FSDP2) every forward is a collective (the shards are gathered), so the ranks keep in
+    step: before each batch they agree (one all-reduce) whether any rank still has one, a rank out of batches reruns
+    its last batch without scoring it, and predictions refused on one rank make every rank raise at that point.
     """
 
-    def __init__(self, dataloader: Iterable[Any], forward: ForwardFn, device: torch.device) -> None:
+    def __init__(self, dataloader: Iterable[Any], forward: ForwardFn, device: torch.device,
+                 sharded: bool = False) -> None:
         self.dataloader = dataloader
         self.forward = forward
         self.device = device
+        self.sharded = sharded
         self.collection: MetricCollection | None = None  # set from the probe's output
+        self._held: tuple[Any, Iterator[Any]] | None = None  # the first batch, and the iterator after it
 
     def example_batch(self) -> Any:
-        """The first batch, on the evaluation device."""
-        for batch in self.dataloader:
-            return move_data_to_device(batch, self.device)
-        raise ValueError("`dataloader` yielded no batch")
+        """The first batch, on the evaluation device; the next pass starts with it rather than loading it again."""
+        iterator = iter(self.dataloader)
+        first = next(iterator, _END)
+        if self.sharded and not every_rank([first is not _END], self.device)[0]:
+            raise ValueError(
+                "`dataloader` yielded no batch on some rank: with sharded parameters every rank runs every forward"
+                " (the shards are gathered), so every rank needs at least one batch of the evaluation data"
+            )
+        if first is _END:
+            raise ValueError("`dataloader` yielded no batch")
+        moved = move_data_to_device(first, self.device)
+        self._held = (moved, iterator)
+        return moved
 
-    def batches(self) -> Iterable[Any]:
+    def batches(self) -> Iterator[Any]:
         """The batches, each moved to the evaluation device as it is loaded."""
+        held, self._held = self._held, None
+        if held is not None:
+            first, rest = held
+            yield first
+            for batch in rest:
+                yield move_data_to_device(batch, self.device)
+            return
         seen = False
         for batch in self.dataloader:
             seen = True
@@ -210,16 +247,51 @@ class Scorer:
         check_finite_predictions(preds, where, pruned)
         collection.update(preds, target)
 
+    def _score_in_step(self, states: Sequence[State], collections: Sequence[MetricCollection]) -> None:
+        """The pass under sharded parameters: every rank runs every state on as many batches as the rank with most."""
+        batches = self.batches()
+        last: Any = None
+        failure: ValueError | None = None  # a refusal on this rank, raised when the ranks next agree
+        while True:
+            batch = next(batches, _END)
+            has_batch, failed = (batch is not _END), failure is not None
+            none_has_batch, none_failed = every_rank([not has_batch, not failed], self.device)
+            if not none_failed:
+                raise failure or ValueError("The evaluation was refused on another rank (see its error)")
+            if none_has_batch:
+                return
+            last = batch if has_batch else last
+            for state, collection in zip(states, collections, strict=True):
+                model = state.activate()
+                preds, target = checked_outputs(self.forward(model, last))
+                if not has_batch or failure is not None:
+                    continue  # the forward keeps this rank in step; nothing is scored
+                try:
+                    check_finite_predictions(preds, state.where, state.pruned)
+                    collection.update(preds, target)
+                except ValueError as err:
+                    failure = err
+
     @staticmethod
     def compute(collection: MetricCollection) -> dict[str, float]:
-        """The metrics a collection holds, as floats."""
+        """The metrics a collection holds, as floats (under DDP ``compute`` syncs: every rank calls it)."""
         return {name: as_float(name, value) for name, value in collection.compute().items()}
 
-    def __call__(self, model: nn.Module, where: str, pruned: bool) -> dict[str, float]:
-        """The metrics of ``model`` over the data."""
+    def score(self, states: Sequence[State]) -> list[dict[str, float]]:
+        """The metrics of every state over the data, in one pass: each batch is loaded once and runs every state.
+
+        Each state has its own copy of the metrics (the ones passed in are copied, never updated), reset first and
+        computed at the end, in the order of ``states`` (the same order on every rank).
+        """
         if self.collection is None:
             raise RuntimeError("Scorer used before its metrics were set")
-        self.collection.reset()
-        for batch in self.batches():
-            self.update(self.collection, model, batch, where, pruned)
-        return self.compute(self.collection)
+        collections = [copy.deepcopy(self.collection) for _ in states]
+        for collection in collections:
+            collection.reset()
+        if self.sharded:
+            self._score_in_step(states, collections)
+        else:
+            for batch in self.batches():
+                for state, collection in zip(states, collections, strict=True):
+                    self.update(collection, state.activate(), batch, state.where, state.pruned)
+        return [self.compute(collection) for collection in collections]

@@ -18,9 +18,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_heavytail._extras import import_optional
-from lightning_heavytail.pruning._evaluator import CurveTask, model_preserved
+from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, LevelWriter, model_preserved
 from lightning_heavytail.pruning._scoring import ForwardFn
 from lightning_heavytail.pruning._targets import Target
+from lightning_heavytail.sharding import is_sharded
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM)
 """Layers whose output channels torch-pruning removes (its default root module types)."""
@@ -223,6 +224,18 @@ class _StructuredPlan:
         return clone
 
 
+def refuse_sharded(model: nn.Module) -> None:
+    """Refuse a model whose parameters are sharded, naming the methods that work there."""
+    sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise ValueError(
+            f"method='structured' removes channels from copies of the model, and {type(model).__name__} has sharded"
+            f" parameters ({sharded[:3]}{' ...' if len(sharded) > 3 else ''}: FSDP2 or tensor parallelism), whose"
+            " shapes cannot change. Use a mask method, 'global', 'layerwise' or 'neuron' ('neuron' zeroes whole units,"
+            " the structured pruning of the paper), which prune sharded weights shard by shard."
+        )
+
+
 def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -246,7 +259,12 @@ class StructuredMethod:
     extra: str | None = "structured"
 
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
-        """Fail early: a deep copy, selected Linear/Conv/LSTM layers; with a batch, a trace and a trial prune at 0.5."""
+        """Fail early: a deep copy, selected Linear/Conv/LSTM layers; with a batch, a trace and a trial prune at 0.5.
+
+        Sharded parameters (DTensors: FSDP2, tensor parallelism) are refused: removing channels changes the shapes
+        that the shards are cut from.
+        """
+        refuse_sharded(model)
         if batch is None:
             _selected_root_layers(model, [t.name for t in targets])
             with _grad_mode():
@@ -255,19 +273,35 @@ class StructuredMethod:
             with model_preserved(model):
                 _plan(model, targets, batch, forward).pruned_copy(model, 0.5)
 
-    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """Measured sparsity and metrics at each level, from a pruned copy per level (the model itself at 0)."""
+    def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
+        """One pruned copy per level above 0, all built now (the model itself at 0), scored in the same pass.
+
+        Held at once: every level's copy; a copy at level ``s`` has about ``1 - s`` of the parameters of the layers
+        it prunes (see ``docs/pruning.md`` for what this costs against one copy at a time).
+        """
         model = task.model
-        with model_preserved(model):
-            model.eval()
-            plan = _plan(model, task.targets, task.example, task.forward)
-            total = _parameter_count(model)
-            measured: list[float] = []
-            values: list[dict[str, float]] = []
-            for level in task.levels:
-                clone = plan.pruned_copy(model, level) if level > 0.0 else model
-                measured.append(1.0 - _parameter_count(clone) / total)
-                with torch.no_grad():
-                    values.append(task.scorer(clone, task.where(level), level > 0.0))
-                del clone
-        return measured, values
+        refuse_sharded(model)
+        plan = _plan(model, task.targets, task.example, task.forward)
+        total = _parameter_count(model)
+        states: list[CurveState] = []
+        for level in task.levels:
+            if level > 0.0:
+                clone = plan.pruned_copy(model, level)
+                states.append(_CopyState(clone, 1.0 - _parameter_count(clone) / total, task.where(level), None))
+            else:  # the model itself, unpruned: the in-place methods of the same pass may have written it
+                states.append(_CopyState(model, 0.0, task.where(level), writer.restore))
+        return states
+
+
+class _CopyState:
+    """A model state that is a module of its own (a pruned copy), or the unpruned model once ``restore`` ran."""
+
+    def __init__(self, module: nn.Module, sparsity: float, where: str, restore: Callable[[], None] | None) -> None:
+        self.module, self.where, self.restore = module, where, restore
+        self.sparsity: float | None = sparsity
+        self.pruned = restore is None
+
+    def activate(self) -> nn.Module:
+        if self.restore is not None:
+            self.restore()
+        return self.module

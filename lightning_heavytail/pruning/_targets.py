@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from lightning_heavytail._compat import forward_pre_hooks
 from lightning_heavytail.selection import UninitializedParameterError, uninitialized_parameters
+from lightning_heavytail.sharding import is_sharded, local_part
 
 
 def parametrized_originals(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
@@ -132,7 +133,8 @@ class Target:
     """One tensor that is pruned.
 
     A parameter is written in place; the effective tensor of a parametrized module is replaced, during an evaluation,
-    by the value of an ``Override`` appended to its parametrizations (its originals are never written).
+    by the value of an ``Override`` appended to its parametrizations (its originals are never written). A sharded
+    parameter (a ``DTensor``: FSDP2, tensor parallelism) is read and written through its local part.
     """
 
     def __init__(self, name: str, param: Tensor | None, module: nn.Module | None = None, attr: str = "") -> None:
@@ -148,10 +150,14 @@ class Target:
             return self.param
         return getattr(self.module, self.attr)  # type: ignore[no-any-return]
 
+    def local(self) -> Tensor:
+        """This rank's part of the tensor as the forward pass sees it (all of it, unless it is a DTensor)."""
+        return local_part(self.current())[0]
+
     def writable(self) -> Tensor:
-        """What a pruned value is written into: the parameter, or the value of the attached ``Override``."""
+        """What a pruned value is written into: the parameter (its local part), or the value of the ``Override``."""
         if self.param is not None:
-            return self.param
+            return local_part(self.param)[0]
         if self.override is None:
             raise RuntimeError(f"{self.name!r} is parametrized: attach its override first (overrides_attached)")
         return self.override.value
@@ -177,8 +183,21 @@ def overrides_attached(targets: Sequence[Target], backups: Sequence[Tensor]) -> 
 
 
 def targets_named(model: nn.Module, names: Sequence[str]) -> list[Target]:
-    """The tensors of ``model`` named as in ``tensor_view``, as targets to prune."""
+    """The tensors of ``model`` named as in ``tensor_view``, as targets to prune.
+
+    Raises:
+        ValueError: for a parametrized tensor whose originals are sharded (DTensors): its effective value is not a
+            part of one sharded tensor that can be written.
+    """
     originals = parametrized_originals(model)
     effective = {name: (module, attr) for name, module, attr in originals.values()}
     real = dict(model.named_parameters())
+    sharded = [name for name in names if name in effective and any(
+        is_sharded(p) for p in parametrizations(*effective[name]).parameters())]
+    if sharded:
+        raise ValueError(
+            f"{sharded} of {type(model).__name__} are parametrized and sharded: pruning writes the effective weight of"
+            " a parametrized layer through an extra parametrization, which sharded originals do not allow. Leave"
+            " them out with `exclude`."
+        )
     return [Target(name, None, *effective[name]) if name in effective else Target(name, real[name]) for name in names]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,21 +10,33 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._checks import check_model, check_ratios, validate_epsilon
-from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, sort_ascending
-from lightning_heavytail.pruning._evaluator import levels_applied
+from lightning_heavytail._distributed import Layout, as_units, squared_sums
+from lightning_heavytail._tensors import sort_ascending
+from lightning_heavytail.pruning._evaluator import LevelState, LevelWriter, scored_in_one_pass
+from lightning_heavytail.pruning._plans import ThresholdPlan
 from lightning_heavytail.pruning._probe import prepare, select_targets
 from lightning_heavytail.pruning._scoring import ForwardFn, OutputKey, Scorer
 from lightning_heavytail.pruning._targets import Target, targets_named, tensor_view
 from lightning_heavytail.pruning.curve import EpsilonPoint
-from lightning_heavytail.pruning.methods import ThresholdPlan
 from lightning_heavytail.selection import ParamSelector
 
 __all__ = ["evaluate_at_epsilon", "evaluate_at_ratios", "prunable_units"]
 
 
-def _unit_squared_norms(weight: Tensor) -> Tensor:
-    """Squared l2 norm of each unit (slice along dim 0; every entry of a 1-D tensor), accumulated in float64."""
-    return weight.detach().reshape(weight.shape[0], -1).to(ACCUMULATE_DTYPE).square().sum(dim=1)
+def unit_squared_norms(layout: Layout, index: int, local: Tensor) -> Tensor:
+    """The squared l2 norm of every unit of whole tensor ``index`` (float64 sums), on every rank.
+
+    Units are the slices along dim 0 (every entry of a 1-D tensor); ``local`` is this rank's part.
+    """
+    return layout.unit_values(index, as_units(local.detach()), whole=squared_sums, partial=squared_sums,
+                              finish=lambda sums: sums)
+
+
+def count_prunable(squared_norms: Tensor, epsilon: float) -> int:
+    """``prunable_units`` from the units' squared norms (float64)."""
+    cumulative = sort_ascending(squared_norms).cumsum(dim=0)
+    budget = epsilon * cumulative[-1].item()
+    return int((cumulative <= budget).sum().item())
 
 
 def prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
@@ -49,34 +61,69 @@ def prunable_units(weight: Tensor, epsilon: float) -> tuple[int, int]:
         >>> prunable_units(w, 0.1), prunable_units(w, 0.2), prunable_units(w, 1.0)  # budgets 1.9, 3.8, 19
         ((1, 4), (2, 4), (4, 4))
     """
-    cumulative = sort_ascending(_unit_squared_norms(weight)).cumsum(dim=0)
-    budget = epsilon * cumulative[-1].item()
-    return int((cumulative <= budget).sum().item()), int(cumulative.numel())
+    squared = squared_sums(as_units(weight.detach()))
+    return count_prunable(squared, epsilon), int(squared.numel())
 
 
-def _smallest_unit_ranks(weight: Tensor) -> Tensor:
-    """Each unit's position in ascending order of squared norm (ties by index), shaped to broadcast on ``weight``."""
-    order = torch.argsort(_unit_squared_norms(weight), stable=True)
+def _smallest_first(squared_norms: Tensor) -> Tensor:
+    """Each unit's position in ascending order of squared norm (ties by index)."""
+    order = torch.argsort(squared_norms, stable=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks.reshape(-1, *([1] * (weight.ndim - 1)))
+    return ranks
 
 
-def _evaluate_units_zeroed(model: nn.Module, targets: Sequence[Target], counts: Mapping[str, int], scorer: Scorer,
-                           where: str) -> dict[str, float]:
-    """Metrics of ``model`` with the ``counts[name]`` smallest units of each target zeroed; model restored."""
-    with levels_applied(model, targets) as writer:
-        ranks = [_smallest_unit_ranks(backup) for backup in writer.backups]
-        # the ranks are unique, so exactly `count` units are zeroed, also when norms tie
-        thresholds: list[float | None] = [float(counts[t.name] - 1) if counts[t.name] else None for t in targets]
-        writer.apply(ThresholdPlan([thresholds], lambda index, _: ranks[index]), 0)
-        return scorer(model, where, any(counts.values()))
+class UnitsZeroed:
+    """Builds the state of ``model`` with the ``how_many(name, squared norms)`` smallest units of each target zeroed.
+
+    Called inside the pass (``scored_in_one_pass``), on the writer's backups; ``counted[name]`` is then
+    ``(units zeroed, units)``. Units are ranked by squared norm, ties by index, so exactly that many are zeroed.
+    Sharded tensors: the norms of all units come to every rank (``unit_squared_norms``), each zeroes its own units.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence[Target], how_many: Callable[[str, Tensor], int],
+                 where: str) -> None:
+        self.model, self.targets, self.how_many, self.where = model, targets, how_many, where
+        self.counted: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, writer: LevelWriter) -> list[LevelState]:
+        layout = writer.layout
+        finite = layout.all_finite(writer.backups)
+        for target, ok in zip(self.targets, finite, strict=True):
+            if not ok:
+                raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: its units cannot be ranked by norm")
+        ranks: list[Tensor] = []
+        thresholds: list[float | None] = []
+        for index, (target, backup) in enumerate(zip(self.targets, writer.backups, strict=True)):
+            squared = unit_squared_norms(layout, index, backup)
+            count = self.how_many(target.name, squared)
+            self.counted[target.name] = (count, int(squared.numel()))
+            ranks.append(layout.local_units(index, _smallest_first(squared)).reshape(-1, *([1] * (backup.ndim - 1))))
+            thresholds.append(float(count - 1) if count else None)
+        plan = ThresholdPlan([thresholds], ranks, layout)
+        return [LevelState(self.model, writer, plan, 0, self.where, any(k for k, _ in self.counted.values()))]
 
 
-def _check_finite_weights(targets: Sequence[Target]) -> None:
-    for target in targets:
-        if not all_finite(target.current()):
-            raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: its units cannot be ranked by norm")
+def _scored_alone(model: nn.Module, targets: Sequence[Target], builder: UnitsZeroed,
+                  scorer: Scorer) -> dict[str, float]:
+    [[(_, values)]] = scored_in_one_pass(model, targets, scorer, [builder])
+    return values
+
+
+def at_epsilon(model: nn.Module, targets: Sequence[Target], epsilon: float) -> UnitsZeroed:
+    """The builder of the epsilon point's state (``UnitsZeroed`` with the paper's count)."""
+    return UnitsZeroed(model, targets, lambda _, squared: count_prunable(squared, epsilon),
+                       f"the epsilon point (epsilon={epsilon})")
+
+
+def epsilon_point(epsilon: float, counted: Mapping[str, tuple[int, int]], metrics: dict[str, float]) -> EpsilonPoint:
+    """The point from the counts of an ``at_epsilon`` builder and the metrics of the model pruned there."""
+    return EpsilonPoint(
+        epsilon=epsilon,
+        ratios={name: k / units for name, (k, units) in counted.items()},
+        ratio=sum(k for k, _ in counted.values()) / sum(units for _, units in counted.values()),
+        metrics=metrics,
+    )
 
 
 def evaluate_at_epsilon(
@@ -143,16 +190,9 @@ def evaluate_at_epsilon(
     eps = validate_epsilon(epsilon)
     run = prepare(model, dataloader, metrics, forward_fn, output_key, exclude, device)
     targets, _ = select_targets(model, params, run.exclude, run.probe)
-    _check_finite_weights(targets)
-    counted = {t.name: prunable_units(t.current(), eps) for t in targets}
-    counts = {name: k for name, (k, _) in counted.items()}
-    values = _evaluate_units_zeroed(model, targets, counts, run.scorer, f"the epsilon point (epsilon={eps})")
-    return EpsilonPoint(
-        epsilon=eps,
-        ratios={name: k / units for name, (k, units) in counted.items()},
-        ratio=sum(k for k, _ in counted.values()) / sum(units for _, units in counted.values()),
-        metrics=values,
-    )
+    builder = at_epsilon(model, targets, eps)
+    metrics_values = _scored_alone(model, targets, builder, run.scorer)
+    return epsilon_point(eps, builder.counted, metrics_values)
 
 
 def evaluate_at_ratios(
@@ -209,6 +249,6 @@ def evaluate_at_ratios(
     check_ratios(ratios, dict(tensor_view(model).named_parameters()), type(model).__name__)
     run = prepare(model, dataloader, metrics, forward_fn, output_key, (), device)
     targets = targets_named(model, list(ratios))
-    _check_finite_weights(targets)
-    counts = {t.name: round(float(ratios[t.name]) * t.current().shape[0]) for t in targets}
-    return _evaluate_units_zeroed(model, targets, counts, run.scorer, "the given ratios")
+    builder = UnitsZeroed(model, targets, lambda name, squared: round(float(ratios[name]) * squared.numel()),
+                          "the given ratios")
+    return _scored_alone(model, targets, builder, run.scorer)

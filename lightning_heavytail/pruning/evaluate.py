@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,15 +12,32 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
-from lightning_heavytail._checks import resolve_device, validate_sparsities
-from lightning_heavytail.pruning._evaluator import CurveTask
-from lightning_heavytail.pruning._probe import Probe, check_common, materialized_copy, prepare, probe, select_targets
-from lightning_heavytail.pruning._scoring import ForwardFn, OutputKey, make_forward, metric_collection, metric_names
-from lightning_heavytail.pruning.curve import PruningCurve
+from lightning_heavytail._checks import resolve_device, validate_epsilon, validate_sparsities
+from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, StateBuilder, scored_in_one_pass
+from lightning_heavytail.pruning._probe import (
+    Probe,
+    Run,
+    check_common,
+    materialized_copy,
+    prepare,
+    probe,
+    select_targets,
+)
+from lightning_heavytail.pruning._scoring import (
+    ForwardFn,
+    OutputKey,
+    make_forward,
+    metric_collection,
+    metric_names,
+)
+from lightning_heavytail.pruning._targets import Target
+from lightning_heavytail.pruning.curve import EpsilonPoint, PruningCurve
+from lightning_heavytail.pruning.epsilon import at_epsilon, epsilon_point
 from lightning_heavytail.pruning.methods import REGISTRY, method_named, require_methods, validate_method
 from lightning_heavytail.selection import ParamSelector, uninitialized_parameters
+from lightning_heavytail.sharding import is_sharded
 
-__all__ = ["PruningCheck", "check_prunable", "evaluate_pruning_curve"]
+__all__ = ["PruningCheck", "PruningEvaluation", "check_prunable", "evaluate_pruning", "evaluate_pruning_curve"]
 
 
 def evaluate_pruning_curve(
@@ -43,13 +61,14 @@ def evaluate_pruning_curve(
 
     Args:
         model: any ``nn.Module`` (a LightningModule works too).
-        dataloader: any iterable of batches, iterated once per level (and once for its first batch).
+        dataloader: any iterable of batches, iterated once: each batch is loaded once and every level runs on it
+            (the first batch also checks the output before anything is pruned).
         sparsities: strictly increasing levels in [0, 1).
         method: one of ``PRUNING_METHODS``, see ``lightning_heavytail.pruning.methods``.
-        metrics: a torchmetrics ``Metric`` (key: its class name) or ``MetricCollection`` (its keys). Reset before each
-            level; ``compute()`` is called on every process, so under DDP each rank passes its own shard and gets the
-            synced value. ``None``: micro-averaged multiclass accuracy with the number of classes read from the
-            model's output width, key ``"accuracy"``.
+        metrics: a torchmetrics ``Metric`` (key: its class name) or ``MetricCollection`` (its keys). Each level
+            scores into its own copy (the metrics passed are never updated); ``compute()`` is called on every process,
+            so under DDP each rank passes its own shard and gets the synced value. ``None``: micro-averaged
+            multiclass accuracy with the number of classes read from the model's output width, key ``"accuracy"``.
         forward_fn: ``forward_fn(model, batch) -> (preds, target)`` for batches that are not ``(inputs, target)``.
         output_key: read the predictions from the model's output ``model(inputs)[output_key]`` (a dict key such as
             ``"logits"``, or a tuple index); only without ``forward_fn``.
@@ -93,17 +112,115 @@ def evaluate_pruning_curve(
         True
     """
     levels = validate_sparsities(sparsities)
-    name, pruning_method = method_named(method)
+    name, _ = method_named(method)
     run = prepare(model, dataloader, metrics, forward_fn, output_key, exclude, device)
     targets, _ = select_targets(model, params, run.exclude, run.probe)
-    measured, values = pruning_method.curve(
-        CurveTask(name, model, targets, levels, run.scorer, run.example, run.forward)
-    )
+    return _in_one_pass(model, run, targets, levels, (name,), None).curves[name]
+
+
+@dataclass(frozen=True)
+class PruningEvaluation:
+    """What ``evaluate_pruning`` returns.
+
+    Attributes:
+        curves: method name -> its curve, in the order of the methods asked for.
+        at_epsilon: the epsilon point of the same tensors (``evaluate_at_epsilon``), if ``epsilon`` was given.
+    """
+
+    curves: dict[str, PruningCurve]
+    at_epsilon: EpsilonPoint | None
+
+
+def evaluate_pruning(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    sparsities: Sequence[float],
+    *,
+    methods: str | Sequence[str] = ("global",),
+    params: ParamSelector | None = None,
+    exclude: Sequence[str] = (),
+    epsilon: float | None = None,
+    metrics: Metric | MetricCollection | None = None,
+    forward_fn: ForwardFn | None = None,
+    output_key: OutputKey | None = None,
+    device: torch.device | str | None = None,
+) -> PruningEvaluation:
+    """The curves of several methods, and the epsilon point, in one pass over the data (``PruneEvalCallback``'s way).
+
+    Each batch is loaded once and runs every level of every method (and the epsilon point); the results are those of
+    ``evaluate_pruning_curve`` per method and ``evaluate_at_epsilon`` on the curves' tensors, bitwise.
+
+    Args:
+        model: as in ``evaluate_pruning_curve``; left exactly as it was.
+        dataloader: any iterable of batches, iterated once.
+        sparsities: strictly increasing levels in [0, 1).
+        methods: one or more of ``PRUNING_METHODS``.
+        params: as in ``evaluate_pruning_curve``; the epsilon point prunes the same tensors.
+        exclude: as in ``evaluate_pruning_curve``.
+        epsilon: the budget of the epsilon point in [0, 1]; None: no epsilon point.
+        metrics: as in ``evaluate_pruning_curve``.
+        forward_fn: as in ``evaluate_pruning_curve``.
+        output_key: as in ``evaluate_pruning_curve``.
+        device: as in ``evaluate_pruning_curve``.
+
+    Returns:
+        The curves and the epsilon point.
+
+    Raises:
+        TypeError, ValueError, ModuleNotFoundError: as ``evaluate_pruning_curve`` and ``evaluate_at_epsilon`` do.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_heavytail.pruning import evaluate_at_epsilon
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> data = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+        >>> both = evaluate_pruning(net, data, [0.0, 0.5], methods=["global", "neuron"], epsilon=0.1)
+        >>> list(both.curves), both.curves["neuron"] == evaluate_pruning_curve(net, data, [0.0, 0.5], method="neuron")
+        (['global', 'neuron'], True)
+        >>> both.at_epsilon == evaluate_at_epsilon(net, data, epsilon=0.1)
+        True
+    """
+    levels = validate_sparsities(sparsities)
+    names = validate_method(methods, "methods")
+    require_methods(names)
+    eps = None if epsilon is None else validate_epsilon(epsilon)
+    run = prepare(model, dataloader, metrics, forward_fn, output_key, exclude, device)
+    targets, _ = select_targets(model, params, run.exclude, run.probe)
+    return _in_one_pass(model, run, targets, levels, names, eps)
+
+
+def _in_one_pass(model: nn.Module, run: Run, targets: Sequence[Target], levels: Sequence[float],
+                 names: Sequence[str], epsilon: float | None) -> PruningEvaluation:
+    """Every level of every method (and the epsilon point) scored in one pass over the data."""
+    builders: list[StateBuilder] = [
+        functools.partial(REGISTRY[name].states, CurveTask(name, model, targets, levels, run.scorer, run.example,
+                                                           run.forward))
+        for name in names
+    ]
+    point_builder = None if epsilon is None else at_epsilon(model, targets, epsilon)
+    if point_builder is not None:
+        builders.append(point_builder)
+    in_place = point_builder is not None or any(REGISTRY[name].in_place for name in names)
+    groups = scored_in_one_pass(model, targets if in_place else [], run.scorer, builders)
+    curves = {name: _curve(name, levels, targets, group) for name, group in zip(names, groups, strict=False)}
+    point = None
+    if point_builder is not None and epsilon is not None:
+        point = epsilon_point(epsilon, point_builder.counted, groups[-1][0][1])
+    return PruningEvaluation(curves, point)
+
+
+def _curve(name: str, levels: Sequence[float], targets: Sequence[Target],
+           scored: Sequence[tuple[CurveState, dict[str, float]]]) -> PruningCurve:
+    measured = [state.sparsity for state, _ in scored]
+    if any(value is None for value in measured):
+        raise RuntimeError(f"method={name!r}: a level was scored without being written")
     return PruningCurve(
         method=name,
         requested=list(levels),
-        sparsities=measured,
-        metrics={metric: [level_values[metric] for level_values in values] for metric in values[0]},
+        sparsities=[float(value) for value in measured if value is not None],
+        metrics={metric: [values[metric] for _, values in scored] for metric in scored[0][1]},
         params=[t.name for t in targets],
     )
 
@@ -190,7 +307,7 @@ def check_prunable(
         batch = move_data_to_device(batch, device)
         if uninitialized_parameters(model):
             model = materialized_copy(model, batch, forward, device)
-        found = probe(model, batch, forward, metrics is None, device)
+        found = probe(model, batch, forward, metrics is None, device, any(is_sharded(p) for p in model.parameters()))
         names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
     targets, left_out = select_targets(model, params, exclude, found)
     for name in methods:

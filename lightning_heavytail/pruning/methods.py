@@ -25,18 +25,20 @@ For the three mask methods (``MASK_METHODS``), ties at the threshold are all zer
 fraction of the selected entries that are zero, can exceed the level asked for (e.g. when many weights are exactly
 zero already); the curve reports the measured value. ``round`` is Python's, as in ``torch.nn.utils.prune``. Their
 cost: one sort of the scores per call (not one per level), thresholds from the sort (never from ``torch.quantile``,
-which fails above ``2^{24}`` elements). ``"svd"`` factors each selected tensor once per call (it holds ``U``, ``S``,
-``V`` of every selected tensor, about twice the tensors' size).
+which fails above ``2^{24}`` elements); they hold the indices each level zeroes (``ThresholdPlan``: 4 bytes per entry
+zeroed at the highest level, per unit for ``"neuron"``). ``"svd"`` factors each selected tensor once per call, one
+tensor at a time, and holds its value at every level that drops a singular value (one copy of the selected tensors
+per such level). ``"structured"`` holds the pruned copies of every level at once.
 
 **Adding a method** is one rule and one entry of ``REGISTRY``, in this file: a rule maps the unpruned values of the
-selected tensors and the levels to a ``LevelPlan`` (what each tensor holds at each level, computed once), and
-``InPlaceMethod(rule)`` evaluates it like the methods above, in the functional API and in ``PruneEvalCallback``.
+selected tensors and the levels to a ``LevelPlan`` (what each tensor holds at each level, computed once; see
+``_plans``: ``ThresholdPlan`` for masks from scores and thresholds), and ``InPlaceMethod(rule)`` evaluates it like
+the methods above, in one pass over the data, in the functional API and in ``PruneEvalCallback``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,12 +46,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_names
+from lightning_heavytail._distributed import Layout, as_units, squared_sums
 from lightning_heavytail._extras import require
 from lightning_heavytail._tensors import all_finite, compute_dtype, sort_ascending
-from lightning_heavytail.pruning._evaluator import CurveTask, LevelPlan, levels_applied
+from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, LevelPlan, LevelState, LevelWriter
+from lightning_heavytail.pruning._plans import SingularValuePlan, ThresholdPlan
 from lightning_heavytail.pruning._scoring import ForwardFn
 from lightning_heavytail.pruning._structured import StructuredMethod
 from lightning_heavytail.pruning._targets import Target
+from lightning_heavytail.sharding import is_sharded
 
 __all__ = [
     "MASK_METHODS",
@@ -65,8 +70,13 @@ __all__ = [
     "validate_method",
 ]
 
-Rule = Callable[[Sequence[Tensor], Sequence[float]], LevelPlan]
-"""``rule(unpruned values of the selected tensors, levels) -> LevelPlan``."""
+Rule = Callable[[Sequence[Tensor], Sequence[float], Layout], LevelPlan]
+"""``rule(unpruned values of the selected tensors, levels, layout) -> LevelPlan``.
+
+Under sharding (FSDP2, tensor parallelism) the values are this rank's local parts, and ``layout`` says where they
+sit in the whole tensors: a rule takes whole-tensor quantities from it (``Layout.kth_smallest``,
+``Layout.unit_values``), never by gathering a tensor. A rule that cannot is registered with ``shards=False``.
+"""
 
 
 class PruningMethod(Protocol):
@@ -87,41 +97,11 @@ class PruningMethod(Protocol):
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
         """Fail early if the method cannot prune ``targets`` of ``model`` (``batch`` may be None)."""
 
-    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """The measured sparsity and the metrics at each level of ``task``; the model is left as it was."""
+    def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
+        """One state per level of ``task``, scored in one pass (``scored_in_one_pass``); the model is not changed here.
 
-
-class ThresholdPlan:
-    """Zero the entries whose score is at most a threshold (``thresholds[level][tensor]``; None: none, NaN: all).
-
-    ``score(index, backup)`` gives the scores of tensor ``index``, shaped to broadcast over it. The measured sparsity
-    is the fraction of the written entries that are zero.
-    """
-
-    def __init__(self, thresholds: list[list[float | None]], score: Callable[[int, Tensor], Tensor]) -> None:
-        self.thresholds = thresholds
-        self.score = score
-
-    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
-        """``backup`` with the entries at or below the threshold zeroed, into ``out``."""
-        out.copy_(backup)
-        threshold = self.thresholds[level][index]
-        if threshold is None:
-            return
-        if math.isnan(threshold):  # the k-th smallest is NaN (NaNs sort last): everything up to it is pruned
-            out.zero_()
-            return
-        out.masked_fill_(self.score(index, backup) <= threshold, 0)
-
-    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
-        """The fraction of the written entries that are zero."""
-        return sum(int((t == 0).sum().item()) for t in written) / sum(t.numel() for t in written)
-
-
-def _kth_threshold(sorted_scores: Tensor, level: float) -> float | None:
-    """Largest score to zero at ``level``: the k-th smallest, k = round(level * n); None when nothing is pruned."""
-    k = round(level * sorted_scores.numel())
-    return None if k == 0 else float(sorted_scores[k - 1].item())
+        ``writer`` holds the backups of ``task.targets`` (the unpruned values) and writes the selected tensors.
+        """
 
 
 def _magnitudes(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -129,61 +109,71 @@ def _magnitudes(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return mag if mag.dtype == dtype else mag.to(dtype)
 
 
-def _per_tensor(scores: Sequence[Tensor], levels: Sequence[float]) -> list[list[float | None]]:
-    """thresholds[level][tensor] from one sort of each tensor's scores."""
-    by_tensor = [[_kth_threshold(ranked, level) for level in levels]
-                 for ranked in (sort_ascending(score.flatten()) for score in scores)]
-    return [list(column) for column in zip(*by_tensor, strict=True)]
+def _thresholds(scores: Iterable[Tensor], sizes: Sequence[int], levels: Sequence[float],
+                layout: Layout | None) -> list[list[float | None]]:
+    """thresholds[level][group]: the k-th smallest score of each group, k = round(level * size of the group).
+
+    ``scores`` are each group's scores that this rank counts; the largest score to zero at a level is the k-th
+    smallest, None when nothing is pruned. One sort per group where the scores are all here (``layout`` None or not
+    sharded), the distributed selection where they are spread over the ranks.
+    """
+    ks = [[round(level * size) for level in levels] for size in sizes]
+    if layout is not None and layout.sharded:
+        by_group = layout.kth_smallest(list(scores), ks)
+    else:
+        by_group = [[None if k == 0 else float(ranked[k - 1].item()) for k in group_ks]
+                    for ranked, group_ks in zip((sort_ascending(s.flatten()) for s in scores), ks, strict=True)]
+    return [list(column) for column in zip(*by_group, strict=True)]
 
 
-def _global(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
+def _global(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
     dtype = compute_dtype(*(b.dtype for b in backups))  # rank every tensor in one dtype: comparisons stay exact
-    ranked = sort_ascending(torch.cat([_magnitudes(b, dtype).flatten() for b in backups]))
-    thresholds = [[_kth_threshold(ranked, level)] * len(backups) for level in levels]
-    return ThresholdPlan(thresholds, lambda _, backup: _magnitudes(backup, dtype))
+    pooled = torch.cat([layout.counted_part(i, _magnitudes(b, dtype)) for i, b in enumerate(backups)])
+    [column] = zip(*_thresholds([pooled], [layout.size()], levels, layout), strict=True)
+    del pooled
+    return ThresholdPlan([[t] * len(backups) for t in column], (_magnitudes(b, dtype) for b in backups), layout)
 
 
-def _layerwise(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    def score(_: int, backup: Tensor) -> Tensor:
-        return _magnitudes(backup, compute_dtype(backup.dtype))
+def _layerwise(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
+    def magnitudes() -> Iterator[Tensor]:
+        return (_magnitudes(b, compute_dtype(b.dtype)) for b in backups)
 
-    return ThresholdPlan(_per_tensor([score(i, b) for i, b in enumerate(backups)], levels), score)
-
-
-def _neuron(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    # l2 norm of each slice along dim 0, shaped to broadcast against the tensor
-    norms = [b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)).norm(dim=1).reshape(-1, *([1] * (b.ndim - 1)))
-             for b in backups]
-    return ThresholdPlan(_per_tensor(norms, levels), lambda index, _: norms[index])
+    counted = (layout.counted_part(i, m) for i, m in enumerate(magnitudes()))
+    sizes = [layout.size(i) for i in range(len(backups))]
+    return ThresholdPlan(_thresholds(counted, sizes, levels, layout), magnitudes(), layout)
 
 
-class SingularValuePlan:
-    """Each tensor as an ``(out, -1)`` matrix, its ``drops[level][tensor]`` smallest singular values dropped."""
-
-    def __init__(self, factors: list[tuple[Tensor, Tensor, Tensor]], drops: list[list[int]]) -> None:
-        self.factors = factors
-        self.drops = drops
-
-    def write(self, level: int, index: int, backup: Tensor, out: Tensor) -> None:
-        """The best approximation of ``backup`` of the rank left at ``level``, into ``out``."""
-        drop = self.drops[level][index]
-        if drop == 0:
-            out.copy_(backup)  # exactly the tensor, not its rounded reconstruction
-            return
-        u, s, vh = self.factors[index]
-        keep = s.numel() - drop  # singular values come in descending order: the smallest are last
-        out.copy_(((u[:, :keep] * s[:keep]) @ vh[:keep]).reshape(backup.shape))
-
-    def sparsity(self, level: int, written: Sequence[Tensor]) -> float:
-        """The fraction of the singular values dropped, over all tensors."""
-        return sum(self.drops[level]) / sum(s.numel() for _, s, _ in self.factors)
+def _unit_norms(layout: Layout, index: int, backup: Tensor) -> Tensor:
+    """The l2 norm of every unit (slice along dim 0) of whole tensor ``index``, in its compute dtype, on every rank."""
+    dtype = compute_dtype(backup.dtype)
+    return layout.unit_values(index, as_units(backup), whole=lambda rows: rows.to(dtype).norm(dim=1),
+                              partial=squared_sums, finish=lambda sums: sums.sqrt().to(dtype))
 
 
-def _svd(backups: Sequence[Tensor], levels: Sequence[float]) -> LevelPlan:
-    factors = [torch.linalg.svd(b.reshape(b.shape[0], -1).to(compute_dtype(b.dtype)), full_matrices=False)
-               for b in backups]
-    drops = [[round(level * s.numel()) for _, s, _ in factors] for level in levels]
-    return SingularValuePlan([(u, s, vh) for u, s, vh in factors], drops)
+def _neuron(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
+    norms = [_unit_norms(layout, i, b) for i, b in enumerate(backups)]
+    thresholds = _thresholds(norms, [n.numel() for n in norms], levels, None)  # every rank holds all the norms
+    # each rank's units, shaped to broadcast against its part
+    scores = [layout.local_units(i, norm).reshape(-1, *([1] * (b.ndim - 1)))
+              for i, (norm, b) in enumerate(zip(norms, backups, strict=True))]
+    return ThresholdPlan(thresholds, scores, layout)
+
+
+def _svd(backups: Sequence[Tensor], levels: Sequence[float], layout: Layout) -> LevelPlan:
+    values: list[list[Tensor | None]] = [[] for _ in levels]
+    drops: list[list[int]] = [[] for _ in levels]
+    ranks = []
+    for backup in backups:  # one tensor's factors at a time
+        u, s, vh = torch.linalg.svd(backup.reshape(backup.shape[0], -1).to(compute_dtype(backup.dtype)),
+                                    full_matrices=False)
+        ranks.append(s.numel())
+        for i, level in enumerate(levels):
+            drop = round(level * s.numel())
+            keep = s.numel() - drop  # singular values come in descending order: the smallest are last
+            drops[i].append(drop)
+            values[i].append(None if drop == 0 else
+                             ((u[:, :keep] * s[:keep]) @ vh[:keep]).reshape(backup.shape).to(backup.dtype))
+    return SingularValuePlan(values, drops, ranks)
 
 
 @dataclass(frozen=True)
@@ -199,11 +189,22 @@ class InPlaceMethod:
     rule: Rule
     zeroes_entries: bool = True
     matrices: bool = False
+    shards: bool = True
     in_place: bool = True
     extra: str | None = None
 
     def check(self, model: nn.Module, targets: Sequence[Target], batch: Any, forward: ForwardFn) -> None:
-        """Refuse tensors the rule cannot read (``matrices``: fewer than 2 dimensions, NaN or infinity)."""
+        """Refuse tensors the rule cannot read.
+
+        That is: with ``matrices``, fewer than 2 dimensions, NaN or infinity; without ``shards``, sharded tensors.
+        """
+        sharded = [t.name for t in targets if is_sharded(t.current())]
+        if sharded and not self.shards:
+            raise ValueError(
+                f"This method needs each selected tensor whole on one rank, and {sharded} of {type(model).__name__} are"
+                f" sharded (DTensors: FSDP2, tensor parallelism). Use one of the mask methods {MASK_METHODS}, which"
+                " prune sharded tensors shard by shard with global thresholds."
+            )
         if not self.matrices:
             return
         vectors = [t.name for t in targets if t.current().ndim < 2]
@@ -216,28 +217,19 @@ class InPlaceMethod:
             if not all_finite(target.current()):
                 raise ValueError(f"Parameter {target.name!r} holds NaN or infinity: it has no singular values")
 
-    def curve(self, task: CurveTask) -> tuple[list[float], list[dict[str, float]]]:
-        """Write each level, score it; the tensors are restored afterwards (``levels_applied``).
-
-        The plan (one sort, every level's thresholds) is made once; this loop over levels is where a one-pass
-        evaluation would instead load each batch once and ``writer.apply`` every level to it.
-        """
+    def states(self, task: CurveTask, writer: LevelWriter) -> Sequence[CurveState]:
+        """One state per level; activating one writes its values from the plan, made once (one sort)."""
         self.check(task.model, task.targets, None, task.forward)
-        measured: list[float] = []
-        values: list[dict[str, float]] = []
-        with levels_applied(task.model, task.targets) as writer:
-            plan = self.rule(writer.backups, task.levels)
-            for i, level in enumerate(task.levels):
-                measured.append(writer.apply(plan, i))
-                values.append(task.scorer(task.model, task.where(level), level > 0.0))
-        return measured, values
+        plan = self.rule(writer.backups, task.levels, writer.layout)
+        return [LevelState(task.model, writer, plan, i, task.where(level), level > 0.0)
+                for i, level in enumerate(task.levels)]
 
 
 REGISTRY: dict[str, PruningMethod] = {
     "global": InPlaceMethod(_global),
     "layerwise": InPlaceMethod(_layerwise),
     "neuron": InPlaceMethod(_neuron),
-    "svd": InPlaceMethod(_svd, zeroes_entries=False, matrices=True),
+    "svd": InPlaceMethod(_svd, zeroes_entries=False, matrices=True, shards=False),
     "structured": StructuredMethod(),
 }
 """Method name -> method: the one place a method is chosen by its name."""

@@ -7,10 +7,6 @@ the noise; gathered, the weights must be bitwise those of the single-process run
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,21 +16,11 @@ from lightning_heavytail.callbacks.noise import HeavyTailNoiseCallback, check_st
 from tests.fsdp2_driver import STRUCTURES
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _drive(mode: str, out: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-m", "tests.fsdp2_driver", mode, str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return torch.load(out, weights_only=False)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    root = tmp_path_factory.mktemp("fsdp2")
-    return {mode: _drive(mode, root / f"{mode}.pt") for mode in ("sharded", "single")}
+@pytest.fixture
+def runs(fsdp2_runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return fsdp2_runs  # the driver's runs (tests/callbacks/conftest.py), shared with the pruning tests
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)

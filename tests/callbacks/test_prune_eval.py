@@ -363,10 +363,10 @@ def test_untraceable_model_for_structured_is_an_error_before_training(tmp_path: 
 
 
 class FailingLoader:
-    """Re-iterable; the fourth pass raises at its second batch.
+    """Re-iterable; the second pass raises at its second batch.
 
-    Passes: the first batch at fit start, the first batch again at the evaluation (its output check), then one pass per
-    level: the fourth is the second level, after the first was masked.
+    Passes: the first batch at fit start, then the evaluation's one pass (its first batch checks the output, then runs
+    every level): its second batch comes after both levels were masked.
     """
 
     def __init__(self) -> None:
@@ -376,7 +376,7 @@ class FailingLoader:
     def __iter__(self) -> Iterator[Any]:
         self.passes += 1
         for i, batch in enumerate(self.data):
-            if self.passes == 4 and i == 1:
+            if self.passes == 2 and i == 1:
                 raise RuntimeError("data failed mid-way")
             yield batch
 
@@ -389,7 +389,7 @@ def test_model_restored_when_evaluation_raises(tmp_path: Path) -> None:
     trainer = Trainer(**trainer_kwargs(tmp_path), callbacks=[before, callback])
     with pytest.raises(RuntimeError, match="data failed mid-way"):
         trainer.fit(model, loader(32, 1))
-    assert failing.passes == 4  # the first level was evaluated (weights masked) before the failure
+    assert failing.passes == 2  # every level was evaluated on the first batch (weights masked) before the failure
     assert_same_state(before.states[0], capture(trainer, model))
     assert callback.history == []
 
@@ -1164,18 +1164,31 @@ def test_the_svd_method_in_the_callback_is_the_functional_curve(tmp_path: Path) 
         reference.metrics["accuracy"][1])
 
 
-def test_sharding_strategies_are_refused_at_setup() -> None:
+def test_what_cannot_prune_sharded_parameters_is_refused_at_setup() -> None:
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     # Lightning refuses FSDP on the CPU when the Trainer is built: the setup hook is given the strategy alone
-    trainers = [SimpleNamespace(strategy=FSDPStrategy(), callbacks=[]),
-                Trainer(strategy=ModelParallelStrategy(), logger=False, enable_progress_bar=False)]
-    for trainer in trainers:
-        with pytest.raises(ValueError, match=f"PruneEvalCallback does not support {type(trainer.strategy).__name__}:"
-                                             " it shards parameters.*single-device or DDP-family"):
-            PruneEvalCallback(dataloader=loader(8, 0)).setup(trainer, PlainMLP(), "fit")  # type: ignore[arg-type]
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+        with pytest.raises(ValueError, match=f"PruneEvalCallback does not support {type(strategy).__name__}: it shards"
+                                             r" parameters.*ModelParallelStrategy\(data_parallel_size=N,"
+                                             r" tensor_parallel_size=1\) with torch.distributed.fsdp.fully_shard"):
+            PruneEvalCallback(dataloader=loader(8, 0)).setup(SimpleNamespace(strategy=strategy, callbacks=[]),
+                                                             PlainMLP(), "fit")  # type: ignore[arg-type]
+
+    def fsdp2(tensor_parallel_size: int) -> Trainer:
+        return Trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=tensor_parallel_size),
+                       logger=False, enable_progress_bar=False)
+
+    PruneEvalCallback(method=("global", "neuron"), dataloader=loader(8, 0)).setup(fsdp2(1), PlainMLP(), "fit")
+    for methods, match in ((("neuron", "structured"), r"method \['structured'\] cannot prune the sharded parameters"),
+                           (("svd",), r"method \['svd'\].*Use the mask methods \('global', 'layerwise', 'neuron'\)")):
+        with pytest.raises(ValueError, match=match):
+            PruneEvalCallback(method=methods, dataloader=loader(8, 0)).setup(fsdp2(1), PlainMLP(), "fit")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=1 \(FSDP2 sharding alone\), got"
+                                         r" tensor_parallel_size=2"):
+        PruneEvalCallback(dataloader=loader(8, 0)).setup(fsdp2(2), PlainMLP(), "fit")
 
 
 def test_missing_optional_packages_are_named_with_their_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
