@@ -43,7 +43,7 @@ class CountingForward:
     """``forward_fn`` for PruneEvalCallback that counts the evaluation samples this rank sees (to show the sharding).
 
     It also sees the callback's output checks: one forward on the rank's first batch at fit start and one before each
-    curve and each epsilon point.
+    evaluation (which loads each batch once and runs every level of every method, and the epsilon point, on it).
     """
 
     def __init__(self) -> None:
@@ -94,12 +94,11 @@ class DDPReport(pl.Callback):
             "noise_steps": gathered["noise_step"].tolist(),
             "samples_evaluated": gathered["samples_evaluated"].tolist(),
             "test_samples": len(datamodule.data.test),
-            # one pass per level of each curve, and one for the epsilon point
+            # every level of each curve, and the epsilon point, runs on every batch
             "evaluations": sum(len(entry["curves"]) * len(SPARSITIES) + bool(entry["at_epsilon"])
                                for entry in self.prune_eval.history),
-            # one at fit start, one before each curve and before each epsilon point
-            "output_checks": 1 + sum(len(entry["curves"]) + bool(entry["at_epsilon"])
-                                     for entry in self.prune_eval.history),
+            # one at fit start, one before each evaluation
+            "output_checks": 1 + len(self.prune_eval.history),
             "sparsities": curve["sparsities"],
             "accuracy_per_rank": gathered["accuracy"].tolist(),
             "accuracy_single_process": next(iter(reference.metrics.values())),

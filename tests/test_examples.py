@@ -185,10 +185,11 @@ def test_multi_gpu_two_cpu_processes_ddp(tmp_path):
     assert report["noise_steps"] == [4, 4]  # 128 samples / 2 ranks / batch 32 = 2 steps per epoch, 2 epochs
     assert len(report["checksums"]) == 2 and report["checksums"][0] == report["checksums"][1]
     # each rank evaluated half of the test set, together exactly all of it, plus its first batch (30 samples in smoke
-    # mode) for each output check (one at fit start, one before each curve and each epsilon point)
+    # mode) for each output check (one at fit start, one before each evaluation: every level of both methods and the
+    # epsilon point run on each batch, loaded once)
     total = report["test_samples"] * report["evaluations"]
     assert report["evaluations"] == 2 * (2 * 5 + 1)  # 2 epochs: 2 methods at 5 levels, and the epsilon point
-    assert report["output_checks"] == 1 + 2 * (2 + 1)
+    assert report["output_checks"] == 1 + 2
     assert report["samples_evaluated"] == [total // 2 + 30 * report["output_checks"]] * 2
     # same synced curve on both ranks, equal to rank 0's single-process evaluation of the whole test set
     assert report["accuracy_per_rank"][0] == report["accuracy_per_rank"][1] == report["accuracy_single_process"]
