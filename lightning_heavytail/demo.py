@@ -69,8 +69,8 @@ class DemoProgressBar(ProgressBar):
 
     Full-batch training has one step per epoch, so Lightning's per-epoch bars would say nothing; this line counts
     epochs (and batches, when there are several), shows ``train_full/accuracy`` after each check against the
-    threshold, and what ``FinalPruneEvalCallback`` is doing. It stays on screen when the run ends. Only rank 0 shows
-    it (``ProgressBar.setup`` disables the others).
+    threshold, and what ``FinalPruneEvalCallback`` is doing, batch by batch. It stays on screen when the run ends. Only
+    rank 0 shows it (``ProgressBar.setup`` disables the others).
     """
 
     def __init__(self, label: str, stop_at: float) -> None:
@@ -99,6 +99,10 @@ class DemoProgressBar(ProgressBar):
         if force or time.monotonic() - self._shown_at > 0.2:
             self._bar.refresh()
             self._shown_at = time.monotonic()
+
+    def pruning_progress(self, description: str, done: int, total: int | None) -> None:
+        """``PruneEvalCallback``'s batches as it evaluates them (it calls this on the trainer's progress bar)."""
+        self.status(f"{description}: batch {done}/{total if total is not None else '?'}", force=done == total)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -420,6 +421,9 @@ def test_progress_on_stderr_by_default_and_off_with_quiet(tiny_run, tmp_path, ca
         # the pruning evaluation as it happens: announced, then what it found
         evaluating = next(i for i, line in enumerate(shown) if "pruning: evaluating neuron and global" in line)
         found = next(line for line in shown[evaluating:] if "pruning: accuracy AUC" in line)
+        # and batch by batch while it runs (each batch loaded once, every level of both methods run on it)
+        assert any(re.search(r"pruning: neuron/global x \d+ levels \+ epsilon point: batch (\d+)/\1\b", line)
+                   for line in shown[evaluating:shown.index(found)])
         run = results[name]["runs"][0]
         assert f"epsilon ratio {run['epsilon_point']['ratio']:.4f}" in found
         assert f"accuracy AUC {run['auc']:.4f}" in found

@@ -182,6 +182,8 @@ class ShardedBatches:
         else:
             offsets = itertools.accumulate([0, *(n for n in lengths if n is not None)])
             self.parts = [shard(loader, rank, world, offset) for loader, offset in zip(loaders, offsets, strict=False)]
+        # what rank 0 evaluates (it shows the progress): batches 0, world, 2 world, ...
+        self.rank_zero_batches = None if self.total_batches is None else len(range(0, self.total_batches, world))
 
     def __iter__(self) -> Iterator[Any]:
         for part in self.parts:

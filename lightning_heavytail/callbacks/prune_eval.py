@@ -43,6 +43,7 @@ from lightning_heavytail.callbacks._eval_data import (
     rank_zero_buffers,
     sharded_batches,
 )
+from lightning_heavytail.callbacks._eval_progress import CountedBatches, evaluation_progress
 from lightning_heavytail.callbacks._prune_history import (
     EpsilonRecord,
     EvaluationRecord,
@@ -379,11 +380,12 @@ class PruneEvalCallback(Callback):
         batches = self._batches if self._batches is not None else self._prepare(trainer, pl_module)
         common: dict[str, Any] = {"metrics": self.metrics, "forward_fn": self.forward_fn,
                                   "output_key": self.output_key, "device": pl_module.device}
-        with trainer.precision_plugin.forward_context(), rank_zero_buffers(pl_module, trainer.world_size):
+        with trainer.precision_plugin.forward_context(), rank_zero_buffers(pl_module, trainer.world_size), \
+                evaluation_progress(trainer, self._progress_description(), batches.rank_zero_batches) as tick:
             # every method's levels and the epsilon point in one pass over the data
-            evaluation = evaluate_pruning(pl_module, batches, self.sparsities, methods=self.methods,
-                                          epsilon=self.epsilon if self.epsilon_point else None, params=self.params,
-                                          exclude=self.exclude, **common)
+            evaluation = evaluate_pruning(pl_module, CountedBatches(batches, tick), self.sparsities,
+                                          methods=self.methods, epsilon=self.epsilon if self.epsilon_point else None,
+                                          params=self.params, exclude=self.exclude, **common)
         curves, point = evaluation.curves, evaluation.at_epsilon
         pruned = set(curves[self.methods[0]].params)  # the report: the curves' tensors
         report: dict[str, float] = {}
@@ -416,6 +418,11 @@ class PruneEvalCallback(Callback):
             step = batches_that_stepped(trainer) - 1
             to_tensorboard(trainer.loggers, self.records, self.log_prefix, self.methods, step, figures=self.log_figure,
                            layouts_written=self._layouts_written)
+
+    def _progress_description(self) -> str:
+        """What the progress bar says while the evaluation runs: what is evaluated on each batch."""
+        point = " + epsilon point" if self.epsilon_point else ""
+        return f"{self.log_prefix}: {'/'.join(self.methods)} x {len(self.sparsities)} levels{point}"
 
     def _auc_metric(self, curve: PruningCurve) -> str:
         """The metric whose area is logged: ``auc_metric``, else accuracy (default metric), else the first one."""
