@@ -74,13 +74,20 @@ def test_half_precision_parameters_get_float32_noise_rounded_once(dtype: torch.d
         assert torch.equal(p, (b.float() + noise).to(dtype))
 
 
+class DeviceSeen(pl.Callback):
+    """Where the parameters were while training (Lightning moves the model back to the CPU when the fit ends)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.trained_on = {p.device.type for p in pl_module.parameters()}
+
+
 def _fit(tmp_path, max_epochs: int, ckpt_path=None, precision: str = "32-true") -> tuple[MLP, HeavyTailNoiseCallback]:
     pl.seed_everything(0)
     model = MLP(width=64, lr=0.05)
     noise = HeavyTailNoiseCallback(1.75, 0.05, structure="neuron", params="paper", seed=11)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=max_epochs, precision=precision, logger=False,
-                         callbacks=[noise, ckpt], enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[noise, ckpt, DeviceSeen()], enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
     trainer.fit(model, loader(), ckpt_path=ckpt_path)
     return model, noise
@@ -93,7 +100,8 @@ def test_a_gpu_fit_is_reproducible_and_resumes_exactly(tmp_path) -> None:
     resumed, _ = _fit(tmp_path / "c", 3, ckpt_path=tmp_path / "c" / "last.ckpt")
     assert noise.noise_step == 12
     for (name, p), q, r in zip(straight.named_parameters(), again.parameters(), resumed.parameters(), strict=True):
-        assert p.device.type == "cuda" and torch.equal(p, q) and torch.equal(p, r), name
+        assert torch.equal(p, q) and torch.equal(p, r), name
+    assert straight.trained_on == again.trained_on == resumed.trained_on == {"cuda"}
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -298,6 +297,8 @@ def test_model_unchanged_when_forward_fn_fails_and_inside_inference_mode() -> No
 
 # ------------------------------------------------------------------------------------------------------- structured
 def test_structured_measures_the_fraction_of_parameters_removed() -> None:
+    import torch_pruning as tp  # here: the GPU tests import this module on machines without torch-pruning
+
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     data = batches(features=8)
