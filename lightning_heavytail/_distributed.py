@@ -174,6 +174,18 @@ def every_rank(flags: Sequence[bool], device: torch.device) -> list[bool]:
     return [int(count) == 0 for count in failing.tolist()]
 
 
+def raise_together(failure: Exception | None, device: torch.device, sharded: bool) -> None:
+    """Raise ``failure`` on its rank and a ValueError on the others, or nothing anywhere (sharded: one all-reduce).
+
+    A check that fails on one rank only must stop every rank before the next collective: the others would wait there
+    for it forever.
+    """
+    if sharded and not every_rank([failure is None], device)[0] and failure is None:
+        raise ValueError("The evaluation was refused on another rank (see its error)")
+    if failure is not None:
+        raise failure
+
+
 def squared_sums(rows: Tensor) -> Tensor:
     """Each row's sum of squares, in float64 (partial sums of split rows add up over the ranks)."""
     return rows.to(torch.float64).square().sum(dim=1)

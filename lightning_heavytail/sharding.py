@@ -161,3 +161,16 @@ def reshard(modules: Sequence[nn.Module]) -> None:
     """
     for module in modules:
         module.reshard()  # type: ignore[operator]
+
+
+def model_is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded over ranks (FSDP2 modules, or DTensor parameters).
+
+    Asks the FSDP2 modules first: after a forward (Lightning's validation loop, say) FSDP2 leaves the root's
+    parameters gathered, as plain tensors, which a look at the parameters alone would take for an unsharded model.
+    They are resharded here, so that every rank then sees its shards.
+    """
+    modules = fsdp_modules(model)
+    reshard(modules)
+    return bool(modules) or any(is_sharded(p) for p in model.parameters())
+

@@ -7,6 +7,7 @@ gathered values, the rules on whole tensors, ``evaluate_pruning_curve`` in one p
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -152,11 +153,32 @@ def _functional(rank: int) -> dict[str, Any]:
         found["nan"] = "no error"
     except ValueError as err:
         found["nan"] = str(err)
+    # Any other error on one rank (a metric's RuntimeError: rank 1's second batch has a target of the wrong shape), in
+    # the pass or on the first batch, stops every rank too
+    wrong = (mine[1][0], mine[1][1][:5])
+    for case, batches in (("other error", [mine[0], wrong]), ("first batch", [wrong, mine[0]])):
+        try:
+            evaluate_pruning_curve(net, batches if rank == 1 else mine, LEVELS)
+            found[case] = "no error"
+        except (RuntimeError, ValueError) as err:
+            found[case] = f"{type(err).__name__}: {err}"
+    # FSDP2 leaves a root-only sharded model gathered after a forward (as Lightning's validation loop leaves it): the
+    # evaluation must still see a sharded model and keep the ranks in step over their 3 and 2 batches
+    torch.manual_seed(0)
+    net = Net()
+    fully_shard(net, mesh=init_device_mesh("cpu", (WORLD,)))
+    with torch.no_grad():
+        net(mine[0][0])
+    found["gathered before"] = sorted({type(p).__name__ for p in net.parameters()})
+    found["curves after a forward"] = {
+        m: c.to_dict() for m, c in evaluate_pruning(net, mine, LEVELS, methods=("global", "neuron")).curves.items()}
     return found
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         found = {"selection": _selection(rank), "layouts": _layouts(rank), "functional": _functional(rank)}
         torch.save(found, Path(out) / f"rank{rank}.pt")
@@ -268,3 +290,20 @@ def evaluate_pruning_curve_of(net: nn.Module, method: str) -> dict[str, Any]:
 def test_predictions_refused_on_one_rank_stop_every_rank(ranks: list[dict[str, Any]]) -> None:
     assert "NaN or infinity (method='global' at sparsity 0.0)" in ranks[1]["functional"]["nan"]
     assert "refused on another rank" in ranks[0]["functional"]["nan"]
+
+
+@pytest.mark.parametrize("case", ["other error", "first batch"])
+def test_any_error_on_one_rank_stops_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
+    assert "must match the size of tensor b (5)" in ranks[1]["functional"][case]  # the metric's error, on its rank
+    assert ranks[0]["functional"][case] == "ValueError: The evaluation was refused on another rank (see its error)"
+
+
+def test_a_root_only_sharded_model_left_gathered_by_a_forward_is_evaluated_sharded(
+        ranks: list[dict[str, Any]]) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    for rank in range(WORLD):
+        found = ranks[rank]["functional"]
+        assert found["gathered before"] == ["Parameter"]  # no DTensor: what fooled the check of the parameters' types
+        for method in ("global", "neuron"):
+            assert found["curves after a forward"][method] == evaluate_pruning_curve_of(net, method)

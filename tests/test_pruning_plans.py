@@ -166,3 +166,14 @@ def test_structured_scores_its_copies_in_the_same_pass_as_the_mask_methods() -> 
     assert both.curves["structured"].metrics["accuracy"][0] == both.curves["neuron"].metrics["accuracy"][0]
     assert both.curves["structured"] == evaluate_pruning_curve(model, batches(n_batches=2), (0.0, 0.5),
                                                                method="structured")
+
+
+def test_unit_ranks_past_float32_precision_zero_exactly_the_counted_units() -> None:
+    # The epsilon point zeroes the units ranked 0 .. count - 1; past 2**24 units a float threshold compared in float32
+    # took rank 2**24 + 1 for 2**24 and zeroed one unit too many.
+    n, count = 2**24 + 2, 2**24 + 1
+    ranks = torch.arange(n).reshape(-1, 1)
+    plan = ThresholdPlan([[float(count - 1)]], [ranks])
+    out = torch.ones(n, 1)
+    plan.write(0, 0, torch.ones(n, 1), out, None)
+    assert int((out == 0).sum()) == count and out[-1, 0] == 1.0

@@ -78,7 +78,10 @@ def _zeroed_by_level(score: Tensor, thresholds: Sequence[float | None]) -> tuple
         if threshold is not None:
             if previous is not None and not (math.isnan(threshold) or threshold >= previous):
                 raise ValueError(f"the thresholds of a tensor must not decrease over the levels, got {thresholds}")
-            now = torch.ones_like(score, dtype=torch.bool) if math.isnan(threshold) else score <= threshold
+            # integer scores (unit ranks) compare with an int: against a Python float torch compares in float32,
+            # which above 2**24 units zeroes one unit too many
+            bound = threshold if score.is_floating_point() or math.isnan(threshold) else int(threshold)
+            now = torch.ones_like(score, dtype=torch.bool) if math.isnan(threshold) else score <= bound
             new = now if zeroed is None else now & ~zeroed
             band = new.nonzero().flatten()
             bands.append(band.to(torch.int32) if score.numel() < 2**31 else band)

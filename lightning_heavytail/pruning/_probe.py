@@ -28,7 +28,7 @@ from lightning_heavytail._checks import (
     resolve_device,
     validate_forward,
 )
-from lightning_heavytail._distributed import every_rank
+from lightning_heavytail._distributed import every_rank, raise_together
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning._evaluator import model_preserved, rng_preserved
 from lightning_heavytail.pruning._scoring import (
@@ -49,7 +49,7 @@ from lightning_heavytail.pruning._targets import (
     view_names_by_id,
 )
 from lightning_heavytail.selection import ParamSelector, select_parameters, uninitialized_parameters
-from lightning_heavytail.sharding import fsdp_modules, is_sharded, local_part, reshard
+from lightning_heavytail.sharding import fsdp_modules, local_part, model_is_sharded, reshard
 
 
 def _tensors_in(value: Any) -> Iterator[Tensor]:
@@ -138,7 +138,12 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
                 out = forward(model, batch)
         finally:
             reshard(fsdp_modules(model))  # FSDP2 leaves the root's parameters gathered (and registered) otherwise
-    preds, target = checked_outputs(out)
+    failure: Exception | None = None
+    try:
+        preds, target = checked_outputs(out)
+    except Exception as err:  # under sharding every rank must stop here, not only this one
+        failure = err
+    raise_together(failure, device, sharded)
     finite = all_finite(preds)
     if not (every_rank([finite], device)[0] if sharded else finite):
         named = list(tensor_view(model).named_parameters())
@@ -154,7 +159,11 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
                              " error); nothing is scored.")
     check_finite_predictions(preds, "the unpruned model, on the first batch", pruned=False)
     if default_metric:
-        check_default_metric_inputs(preds, target)
+        try:
+            check_default_metric_inputs(preds, target)
+        except Exception as err:
+            failure = err
+        raise_together(failure, device, sharded)
     return Probe(preds, target, recorder.first, recorder.last_use(preds))
 
 
@@ -240,12 +249,17 @@ def prepare(model: Any, dataloader: Any, metrics: Metric | MetricCollection | No
     device_ = resolve_device(model, device)
     forward = make_forward(forward_fn, output_key)
     tensor_view(model)  # lazy parameters: refused before any forward could materialize them
-    sharded = any(is_sharded(p) for p in model.parameters())
+    sharded = model_is_sharded(model)
     scorer = Scorer(dataloader, forward, device_, sharded)
     example = scorer.example_batch()
     found = probe(model, example, forward, metrics is None, device_, sharded)
-    scorer.collection = metric_collection(metrics, found.preds, device_)
-    metric_names(scorer.collection, found.preds, found.target)
+    failure: Exception | None = None
+    try:
+        scorer.collection = metric_collection(metrics, found.preds, device_)
+        metric_names(scorer.collection, found.preds, found.target)
+    except Exception as err:  # refused on this rank's first batch: every rank stops here
+        failure = err
+    raise_together(failure, device_, sharded)
     return Run(scorer, example, forward, found, patterns)
 
 

@@ -251,7 +251,7 @@ class Scorer:
         """The pass under sharded parameters: every rank runs every state on as many batches as the rank with most."""
         batches = self.batches()
         last: Any = None
-        failure: ValueError | None = None  # a refusal on this rank, raised when the ranks next agree
+        failure: Exception | None = None  # a refusal on this rank, raised when the ranks next agree
         while True:
             batch = next(batches, _END)
             has_batch, failed = (batch is not _END), failure is not None
@@ -263,13 +263,14 @@ class Scorer:
             last = batch if has_batch else last
             for state, collection in zip(states, collections, strict=True):
                 model = state.activate()
-                preds, target = checked_outputs(self.forward(model, last))
+                out = self.forward(model, last)  # a collective: every rank runs it
                 if not has_batch or failure is not None:
                     continue  # the forward keeps this rank in step; nothing is scored
                 try:
+                    preds, target = checked_outputs(out)
                     check_finite_predictions(preds, state.where, state.pruned)
                     collection.update(preds, target)
-                except ValueError as err:
+                except Exception as err:  # raised when the ranks next agree, so that none waits for this one
                     failure = err
 
     @staticmethod

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._checks import resolve_device, validate_epsilon, validate_sparsities
+from lightning_heavytail._distributed import raise_together
 from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, StateBuilder, scored_in_one_pass
 from lightning_heavytail.pruning._probe import (
     Probe,
@@ -35,7 +36,7 @@ from lightning_heavytail.pruning.curve import EpsilonPoint, PruningCurve
 from lightning_heavytail.pruning.epsilon import at_epsilon, epsilon_point
 from lightning_heavytail.pruning.methods import REGISTRY, method_named, require_methods, validate_method
 from lightning_heavytail.selection import ParamSelector, uninitialized_parameters
-from lightning_heavytail.sharding import is_sharded
+from lightning_heavytail.sharding import model_is_sharded
 
 __all__ = ["PruningCheck", "PruningEvaluation", "check_prunable", "evaluate_pruning", "evaluate_pruning_curve"]
 
@@ -307,8 +308,14 @@ def check_prunable(
         batch = move_data_to_device(batch, device)
         if uninitialized_parameters(model):
             model = materialized_copy(model, batch, forward, device)
-        found = probe(model, batch, forward, metrics is None, device, any(is_sharded(p) for p in model.parameters()))
-        names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
+        sharded = model_is_sharded(model)
+        found = probe(model, batch, forward, metrics is None, device, sharded)
+        failure: Exception | None = None
+        try:
+            names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
+        except Exception as err:  # refused on this rank's batch: every rank stops here
+            failure = err
+        raise_together(failure, device, sharded)
     targets, left_out = select_targets(model, params, exclude, found)
     for name in methods:
         REGISTRY[name].check(model, targets, batch, forward)
