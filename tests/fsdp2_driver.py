@@ -57,6 +57,9 @@ class ShardedNet(pl.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y) * 0.0
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])  # a forward before the pruning evaluation: FSDP2 leaves a root-only model gathered after it
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
@@ -86,7 +89,7 @@ def whole_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(mode: str, root: Path, steps: int, callbacks: list[Any], ckpt_path: str | None = None,
-        checkpoint: bool = False, per_layer: bool = True) -> tuple[pl.Trainer, ShardedNet]:
+        checkpoint: bool = False, per_layer: bool = True, validate: bool = False) -> tuple[pl.Trainer, ShardedNet]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -100,7 +103,7 @@ def fit(mode: str, root: Path, steps: int, callbacks: list[Any], ckpt_path: str 
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
         enable_checkpointing=checkpoint, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
     )
-    trainer.fit(model, data(), ckpt_path=ckpt_path)
+    trainer.fit(model, data(), eval_data() if validate else None, ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -121,11 +124,12 @@ def main(mode: str, out: str) -> None:
     results["resumed"] = {"params": whole_parameters(model), "noise_step": resumed.noise_step,
                           "seed": resumed.resolved_seed}
     # the pruning evaluation of the noised weights (equal in both modes, see above), the layers sharded one by one,
-    # then the root alone (its parameters stay gathered after a forward: the evaluation must reshard after a write)
+    # then the root alone (its parameters stay gathered after a forward: the evaluation must reshard after a write),
+    # each after a validation loop of 9 batches (5 and 4 per rank) whose last forward leaves the root gathered
     for run, per_layer in (("prune", True), ("prune_root", False)):
         noise = HeavyTailNoiseCallback(1.7, 0.3, structure="neuron", params="weights", seed=3)
         prune = pruning_callback()
-        trainer, model = fit(mode, root / run, 4, [noise, prune], per_layer=per_layer)
+        trainer, model = fit(mode, root / run, 4, [noise, prune], per_layer=per_layer, validate=True)
         results[run] = {"params": whole_parameters(model), "history": prune.history,
                         "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     torch.manual_seed(0)
