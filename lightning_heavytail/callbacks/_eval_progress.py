@@ -2,9 +2,10 @@
 
 An evaluation runs every level of every method on each batch, so it can take longer than the training epoch before
 it; without a sign of it the run looks stuck. Lightning's default ``TQDMProgressBar`` gets a bar of its own, made the
-way it makes its validation bar (it sits where that one does, and is drawn every ``refresh_rate`` batches); any
-other progress bar callback that has a ``pruning_progress(description, done, total)`` method is told after each
-batch (the demo's is); with ``enable_progress_bar=False``, or any other bar, nothing is shown.
+way it makes its validation bar (it sits where that one does, and is drawn every ``refresh_rate`` batches);
+``RichProgressBar`` (Lightning's default where rich is installed) a task of its own under the training bar; any other
+progress bar callback that has a ``pruning_progress(description, done, total)`` method is told after each batch (the
+demo's is); with ``enable_progress_bar=False``, or any other bar, nothing is shown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 Tick = Callable[[int], None]
 """Called with the number of batches this rank has evaluated so far."""
@@ -65,6 +66,19 @@ def evaluation_progress(trainer: Trainer, description: str, total: int | None) -
             yield tick
         finally:
             tqdm_bar.close()
+        return
+    progress = getattr(bar, "progress", None)
+    if isinstance(bar, RichProgressBar) and progress is not None:
+        task = progress.add_task(description, total=total if total is not None else float("inf"))
+
+        def advance(done: int) -> None:
+            progress.update(task, completed=done)
+            bar.refresh(hard=done == total)  # drawn by rich's refresh thread; the last state at once
+
+        try:
+            yield advance
+        finally:
+            progress.remove_task(task)
         return
     report = getattr(bar, "pruning_progress", None)
     if callable(report):

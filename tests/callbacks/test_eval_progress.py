@@ -68,9 +68,8 @@ def test_lightnings_tqdm_bar_shows_the_evaluation_with_its_batch_count(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), epsilon_point=False)
     kwargs: dict[str, Any] = {**trainer_kwargs(tmp_path), "enable_progress_bar": True}
-    trainer = Trainer(**kwargs, callbacks=[callback])
-    assert isinstance(trainer.progress_bar_callback, TQDMProgressBar)  # Lightning's default
-    trainer.fit(TinyNet(), loader(32, 1))
+    # Lightning's default without rich (with rich installed, RichProgressBar is: see the next test)
+    Trainer(**kwargs, callbacks=[TQDMProgressBar(), callback]).fit(TinyNet(), loader(32, 1))
 
     out = capsys.readouterr().out
     # the bar tqdm draws for the evaluation: its description and the 3 batches done of 3
@@ -83,3 +82,20 @@ def test_without_a_progress_bar_nothing_is_shown_and_the_evaluation_runs(
     Trainer(**trainer_kwargs(tmp_path), callbacks=[callback]).fit(TinyNet(), loader(32, 1))
     assert len(callback.records) == 1
     assert "pruning:" not in capsys.readouterr().out
+
+
+def test_richs_progress_bar_shows_the_evaluation_as_a_task_of_its_own(tmp_path: Path) -> None:
+    import io
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    screen = io.StringIO()
+    bar = RichProgressBar(console_kwargs={"file": screen, "force_terminal": True, "width": 200})
+    callback = PruneEvalCallback(sparsities=(0.0, 0.5), dataloader=loader(24, 0), epsilon_point=False)
+    kwargs: dict[str, Any] = {**trainer_kwargs(tmp_path), "enable_progress_bar": True}
+    Trainer(**kwargs, callbacks=[bar, callback]).fit(TinyNet(), loader(32, 1))
+
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # without the terminal's escape codes
+    assert re.search(r"pruning: global x 2 levels\s+━+\s+3/3", drawn), drawn[-1500:]
+    assert bar.progress is None or all("pruning:" not in task.description for task in bar.progress.tasks)
+
