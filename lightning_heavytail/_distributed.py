@@ -20,8 +20,9 @@ float64 rounding).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,14 +175,25 @@ def every_rank(flags: Sequence[bool], device: torch.device) -> list[bool]:
     return [int(count) == 0 for count in failing.tolist()]
 
 
-def raise_together(failure: Exception | None, device: torch.device, sharded: bool) -> None:
-    """Raise ``failure`` on its rank and a ValueError on the others, or nothing anywhere (sharded: one all-reduce).
+def refused_elsewhere() -> ValueError:
+    """The error of the ranks where the evaluation did not fail, when it failed on another one."""
+    return ValueError("The evaluation was refused on another rank (see its error)")
 
-    A check that fails on one rank only must stop every rank before the next collective: the others would wait there
-    for it forever.
+
+@contextlib.contextmanager
+def failing_together(device: torch.device, sharded: bool) -> Iterator[None]:
+    """Run the body; if it raises on any rank, raise on every rank (sharded: one all-reduce after the body).
+
+    The rank where it failed raises its own error, the others ``refused_elsewhere()``. A check that fails on one rank
+    only must stop every rank before the next collective: the others would wait there for it forever.
     """
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        failure = err
     if sharded and not every_rank([failure is None], device)[0] and failure is None:
-        raise ValueError("The evaluation was refused on another rank (see its error)")
+        raise refused_elsewhere()
     if failure is not None:
         raise failure
 

@@ -28,7 +28,7 @@ from lightning_heavytail._checks import (
     resolve_device,
     validate_forward,
 )
-from lightning_heavytail._distributed import every_rank, raise_together
+from lightning_heavytail._distributed import every_rank, failing_together
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning._evaluator import model_preserved, rng_preserved
 from lightning_heavytail.pruning._scoring import (
@@ -138,12 +138,8 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
                 out = forward(model, batch)
         finally:
             reshard(fsdp_modules(model))  # FSDP2 leaves the root's parameters gathered (and registered) otherwise
-    failure: Exception | None = None
-    try:
+    with failing_together(device, sharded):  # under sharding every rank must stop here, not only this one
         preds, target = checked_outputs(out)
-    except Exception as err:  # under sharding every rank must stop here, not only this one
-        failure = err
-    raise_together(failure, device, sharded)
     finite = all_finite(preds)
     if not (every_rank([finite], device)[0] if sharded else finite):
         named = list(tensor_view(model).named_parameters())
@@ -159,11 +155,8 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
                              " error); nothing is scored.")
     check_finite_predictions(preds, "the unpruned model, on the first batch", pruned=False)
     if default_metric:
-        try:
+        with failing_together(device, sharded):
             check_default_metric_inputs(preds, target)
-        except Exception as err:
-            failure = err
-        raise_together(failure, device, sharded)
     return Probe(preds, target, recorder.first, recorder.last_use(preds))
 
 
@@ -253,13 +246,9 @@ def prepare(model: Any, dataloader: Any, metrics: Metric | MetricCollection | No
     scorer = Scorer(dataloader, forward, device_, sharded)
     example = scorer.example_batch()
     found = probe(model, example, forward, metrics is None, device_, sharded)
-    failure: Exception | None = None
-    try:
+    with failing_together(device_, sharded):  # refused on this rank's first batch: every rank stops here
         scorer.collection = metric_collection(metrics, found.preds, device_)
         metric_names(scorer.collection, found.preds, found.target)
-    except Exception as err:  # refused on this rank's first batch: every rank stops here
-        failure = err
-    raise_together(failure, device_, sharded)
     return Run(scorer, example, forward, found, patterns)
 
 

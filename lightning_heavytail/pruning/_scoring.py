@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._compat import unsynced
-from lightning_heavytail._distributed import every_rank
+from lightning_heavytail._distributed import every_rank, refused_elsewhere
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning.curve import DEFAULT_METRIC_KEY
 
@@ -257,7 +257,7 @@ class Scorer:
             has_batch, failed = (batch is not _END), failure is not None
             none_has_batch, none_failed = every_rank([not has_batch, not failed], self.device)
             if not none_failed:
-                raise failure or ValueError("The evaluation was refused on another rank (see its error)")
+                raise failure or refused_elsewhere()
             if none_has_batch:
                 return
             last = batch if has_batch else last

@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._checks import resolve_device, validate_epsilon, validate_sparsities
-from lightning_heavytail._distributed import raise_together
+from lightning_heavytail._distributed import failing_together
 from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, StateBuilder, scored_in_one_pass
 from lightning_heavytail.pruning._probe import (
     Probe,
@@ -310,12 +310,8 @@ def check_prunable(
             model = materialized_copy(model, batch, forward, device)
         sharded = model_is_sharded(model)
         found = probe(model, batch, forward, metrics is None, device, sharded)
-        failure: Exception | None = None
-        try:
+        with failing_together(device, sharded):  # refused on this rank's batch: every rank stops here
             names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
-        except Exception as err:  # refused on this rank's batch: every rank stops here
-            failure = err
-        raise_together(failure, device, sharded)
     targets, left_out = select_targets(model, params, exclude, found)
     for name in methods:
         REGISTRY[name].check(model, targets, batch, forward)
