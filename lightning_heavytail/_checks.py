@@ -368,13 +368,17 @@ def check_name(value: Any, argument: str, *, allow_none: bool = False, file_name
         raise ValueError(f"`{argument}` must be {what}, got {value!r}")
 
 
+def is_strategy(strategy: object, name: str) -> bool:
+    """Whether ``strategy`` is Lightning's strategy class ``name`` or a subclass (by name: no Lightning import)."""
+    return name in {cls.__name__ for cls in type(strategy).__mro__}
+
+
 def check_strategy(strategy: object, owner: str, *, supported: Collection[str] = (), why: str, instead: str) -> None:
     """Refuse a sharding strategy (see ``SHARDING_STRATEGIES``) that ``owner`` does not support.
 
     Raises:
         ValueError: naming the strategy, ``why`` it is refused and what to use ``instead``.
     """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
     for sharding in SHARDING_STRATEGIES:
-        if sharding in names and sharding not in supported:
+        if is_strategy(strategy, sharding) and sharding not in supported:
             raise ValueError(f"{owner} does not support {type(strategy).__name__}: {why}. {instead}")

@@ -42,10 +42,6 @@ def _signature(block: LocalBlock) -> tuple[tuple[int, ...], ...]:
     return tuple((index.start, index.stop, -1) if isinstance(index, range) else tuple(index) for index in block.indices)
 
 
-def _holds_whole_rows(block: LocalBlock) -> bool:
-    return all(index == range(n) for index, n in zip(block.indices[1:], block.global_shape[1:], strict=True))
-
-
 @dataclass
 class Layout:
     """Where the local parts of some tensors sit in the whole tensors, and which of them this rank counts.
@@ -75,7 +71,7 @@ class Layout:
         blocks = [local_part(t)[1] for t in tensors]
         if not any(is_sharded(t) for t in tensors):
             return cls(blocks, [True] * len(blocks), [True] * len(blocks), device, False)
-        mine = [(_signature(b), _holds_whole_rows(b), b.local_shape.numel()) for b in blocks]
+        mine = [(_signature(b), b.whole_rows, b.local_shape.numel()) for b in blocks]
         everyone: list[list[tuple[tuple[tuple[int, ...], ...], bool, int]]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(everyone, mine)
         rank = dist.get_rank()
@@ -166,6 +162,16 @@ class Layout:
             for g, column in zip(groups, found, strict=True):
                 answers[g] = column
         return answers
+
+
+def several_ranks() -> bool:
+    """Whether a process group of more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where the default group's backend reduces: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def every_rank(flags: Sequence[bool], device: torch.device) -> list[bool]:

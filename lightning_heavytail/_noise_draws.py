@@ -73,7 +73,12 @@ def noise_key(seed: int, step: int, name: str) -> tuple[int, int]:
         >>> noise_key(0, 1, "w") != noise_key(0, 2, "w") and noise_key(0, 1, "w") != noise_key(0, 1, "v")
         True
     """
-    step_key, words = derive_key(seed, step), name_key(name)
+    return stream_key(derive_key(seed, step), name)
+
+
+def stream_key(step_key: tuple[int, int], name: str) -> tuple[int, int]:
+    """The noise key of parameter ``name`` at the step whose key is ``step_key`` (``derive_key(seed, step)``)."""
+    words = name_key(name)
     return step_key[0] ^ words[0], step_key[1] ^ words[1]
 
 
@@ -82,11 +87,12 @@ def mixing_key(key: tuple[int, int]) -> tuple[int, int]:
     return key[0] ^ MIXING_WORDS[0], key[1] ^ MIXING_WORDS[1]
 
 
-def draw_count(block: LocalBlock, structure: str) -> int:
-    """Draws per step of the whole parameter (not of the block): the size the sampler kernel is chosen by."""
-    if structure == "neuron" and len(block.global_shape) > 0:
-        return int(block.global_shape[0])
-    return int(block.global_shape.numel())
+def draw_count(shape: torch.Size, structure: str) -> int:
+    """Draws per step of a tensor of ``shape``: one per unit (dim 0) for ``"neuron"``, else one per entry.
+
+    Of the whole parameter (``block.global_shape``), it is the size the sampler kernel is chosen by.
+    """
+    return int(shape[0]) if structure == "neuron" and len(shape) > 0 else int(shape.numel())
 
 
 def unit_shape(shape: torch.Size) -> torch.Size:
@@ -101,9 +107,10 @@ def standard_noise(block: LocalBlock, alpha: float, structure: str, key: tuple[i
     The kernel is chosen by the whole parameter's draw count, never the block's, so a shard draws what the whole
     tensor would.
     """
-    path = choose_path(draw_count(block, structure), device)
-    rows = block.rows()
-    rows = rows.to(device) if isinstance(rows, Tensor) else rows
+    path = choose_path(draw_count(block.global_shape, structure), device)
+    if structure != "iid":  # the units' global indices
+        rows = block.rows()
+        rows = rows.to(device) if isinstance(rows, Tensor) else rows
     if structure == "neuron":
         noise = stable_at(alpha, key, rows, device=device, dtype=dtype, path=path)
         noise = noise.reshape(unit_shape(block.local_shape))

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_heavytail._counters import SamplerPath, choose_path, counter_draws
+from lightning_heavytail._counters import choose_path, counter_draws
+from lightning_heavytail._distributed import collective_device, every_rank, several_ranks
 from lightning_heavytail._noise_draws import (
     HEAVIEST_SAFE_ALPHA,
     MIXING_WORDS,
@@ -31,12 +32,12 @@ from lightning_heavytail._noise_draws import (
     draw_count,
     is_narrow,
     name_key,
-    noise_key,
     scaled_noise,
+    stream_key,
     unit_shape,
 )
 from lightning_heavytail._tensors import all_finite, compute_dtype
-from lightning_heavytail.sharding import is_sharded, local_part
+from lightning_heavytail.sharding import is_sharded, local_tensor
 from lightning_heavytail.stable import derive_key
 
 # A parameter with at least this many draws per step is drawn alone (no index or key tensors are built for it, and
@@ -110,7 +111,6 @@ class _Batch:
     members: list[int]  # positions in the plan's target list; sorted by shape when batched
     device: torch.device
     dtype: torch.dtype
-    path: SamplerPath
     segments: _Segments | None = None
 
 
@@ -119,25 +119,23 @@ def _plan_batches(targets: Sequence[NoiseTarget], structure: str) -> list[_Batch
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, target in enumerate(targets):
         device, dtype = target.tensor.device, compute_dtype(target.tensor.dtype)
-        count = draw_count(target.block, structure)
-        path = choose_path(count, device)
-        if path == "compiled" or count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
-            batches.append(_Batch([i], device, dtype, path))
+        count = draw_count(target.block.global_shape, structure)
+        if choose_path(count, device) == "compiled" or count >= _BATCH_MAX_DRAWS or target.tensor.numel() == 0:
+            batches.append(_Batch([i], device, dtype))
         else:
             small.setdefault((device, dtype), []).append(i)
     for (device, dtype), members in small.items():
         members.sort(key=lambda i: tuple(targets[i].block.local_shape))
         size, current = 0, list[int]()
         for i in members:
-            shape = targets[i].block.local_shape
-            draws = int(shape[0]) if structure == "neuron" and len(shape) > 0 else int(shape.numel())
+            draws = draw_count(targets[i].block.local_shape, structure)
             if current and size + draws > _BATCH_DRAWS:
-                batches.append(_Batch(current, device, dtype, "eager"))
+                batches.append(_Batch(current, device, dtype))
                 size, current = 0, []
             current.append(i)
             size += draws
         if current:
-            batches.append(_Batch(current, device, dtype, "eager"))
+            batches.append(_Batch(current, device, dtype))
     for batch in batches:
         if len(batch.members) > 1:
             batch.segments = _Segments.of(batch.members, targets, structure, batch.device)
@@ -154,19 +152,11 @@ def _none_non_finite(tensors: list[Tensor], device: torch.device) -> bool:
     return not bool(found.item())
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
-    )
-
-
 def all_ranks_max(values: Tensor) -> Tensor:
     """The elementwise max of ``values`` over all ranks (a no-op outside a process group)."""
-    if not _distributed():
+    if not several_ranks():
         return values
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    reduced = values.to(device)
+    reduced = values.to(collective_device())
     torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
     return reduced.to(values.device)
 
@@ -213,7 +203,7 @@ class NoisePlan:
         """Whether every tensor still has the shape, dtype and device (and storage, for DTensors) it was built for."""
         if self._signature() != self._layout:
             return False
-        return all(source is None or local_part(source)[0].data_ptr() == target.tensor.data_ptr()
+        return all(source is None or local_tensor(source).data_ptr() == target.tensor.data_ptr()
                    for source, target in zip(self._sources, self.targets, strict=True))
 
     def _finite(self, work: set[int]) -> dict[int, bool]:
@@ -238,8 +228,8 @@ class NoisePlan:
                 finite[i] = bool(ok) or all_finite(self.targets[i].tensor)
         return finite
 
-    def _problems(self, work: list[int], scales: Sequence[float], alpha: float, seed: int,
-                  step: int) -> dict[int, str]:
+    def _problems(self, work: list[int], scales: Sequence[float], alpha: float, step: int,
+                  step_key: tuple[int, int]) -> dict[int, str]:
         """Why adding noise to a target now would train on inf/NaN, agreed by every rank under sharding."""
         finite = self._finite(set(work))
         problems: dict[int, str] = {}
@@ -252,18 +242,18 @@ class NoisePlan:
                 )
             elif i in self._narrow or (alpha < HEAVIEST_SAFE_ALPHA and i in self._not_float64):
                 # Draw the noise to check, and again to apply, rather than hold a float32 copy of every fp16 tensor.
-                noise, _ = scaled_noise(target, alpha, scales[i], self.structure, noise_key(seed, step, target.name))
+                noise, _ = scaled_noise(target, alpha, scales[i], self.structure, stream_key(step_key, target.name))
                 if not bool((target.tensor.float() + noise).abs().max() <= torch.finfo(target.tensor.dtype).max):
                     problems[i] = (
                         f"noise would overflow parameter {target.name!r} ({target.tensor.dtype}) at noise step {step};"
                         " nothing was changed. Lower sigma or keep master weights in float32."
                     )
-        if self.sharded and _distributed():
+        if self.sharded and several_ranks():
             # the rank whose part holds the problem must not be the only one to stop: a hang, or a parameter noised on
             # some ranks only. One all-reduce of one flag per target.
-            flags = all_ranks_max(torch.tensor([i in problems for i in work], dtype=torch.int32)).tolist()
-            for i, flag in zip(work, flags, strict=True):
-                if flag and i not in problems:
+            fine = every_rank([i not in problems for i in work], collective_device())
+            for i, ok in zip(work, fine, strict=True):
+                if not ok and i not in problems:
                     problems[i] = (
                         f"parameter {self.targets[i].name!r} holds inf or NaN, or would overflow, in another rank's"
                         f" part at noise step {step}; nothing was changed on any rank."
@@ -280,20 +270,20 @@ class NoisePlan:
         """
         stats = NoiseStats(noised=[], skipped=[], max_abs_noise=0.0 if track_max else None)
         work = [i for i, scale in enumerate(scales) if scale > 0.0]
+        step_key = derive_key(seed, step)
         skipped: set[int] = set()
         if on_nonfinite != "ignore" and work:
-            for i, problem in sorted(self._problems(work, scales, alpha, seed, step).items()):
+            for i, problem in sorted(self._problems(work, scales, alpha, step, step_key).items()):
                 if on_nonfinite == "raise":
                     raise NonFiniteParameterError(problem + " Pass on_nonfinite='skip' to leave such parameters alone.")
                 skipped.add(i)
                 stats.skipped.append(self.targets[i].name)
         todo = set(work) - skipped
         largest = torch.zeros((), dtype=torch.float64)
-        step_key = derive_key(seed, step)
         for batch in self._batches:
             if not todo.intersection(batch.members):
                 continue
-            for noise in self._add_batch(batch, todo, scales, alpha, seed, step, step_key, stats):
+            for noise in self._add_batch(batch, todo, scales, alpha, step_key, stats):
                 if track_max and noise.numel() > 0:
                     largest = torch.maximum(largest, noise.abs().max().double().cpu())
         stats.noised = [self.targets[i].name for i in sorted(todo)]
@@ -302,14 +292,14 @@ class NoisePlan:
             stats.max_abs_noise = float(all_ranks_max(largest) if self.sharded else largest)
         return stats
 
-    def _add_batch(self, batch: _Batch, todo: set[int], scales: Sequence[float], alpha: float, seed: int, step: int,
+    def _add_batch(self, batch: _Batch, todo: set[int], scales: Sequence[float], alpha: float,
                    step_key: tuple[int, int], stats: NoiseStats) -> list[Tensor]:
         """Draw and add one batch's noise; the noise tensors drawn (whole batches: one buffer per run)."""
         if batch.segments is None:
             (i,) = batch.members
             target = self.targets[i]
             noise, stats.paths[target.name] = scaled_noise(target, alpha, scales[i], self.structure,
-                                                           noise_key(seed, step, target.name))
+                                                           stream_key(step_key, target.name))
             target.tensor.add_(noise)  # fp16/bf16: computed in float32, rounded once
             return [noise]
         draws, mixing = self._batch_draws(batch, batch.segments, step_key, alpha)

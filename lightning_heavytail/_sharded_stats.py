@@ -33,7 +33,7 @@ from lightning_heavytail._distributed import Layout, as_units
 from lightning_heavytail._tensors import ACCUMULATE_DTYPE, compute_dtype, sort_ascending
 from lightning_heavytail.compressibility import hill_alpha, mohammadi_alpha
 from lightning_heavytail.pruning.epsilon import count_prunable, unit_squared_norms
-from lightning_heavytail.sharding import local_part
+from lightning_heavytail.sharding import local_tensor
 
 
 def _or_nan(estimate: Callable[[], float]) -> float:
@@ -53,7 +53,7 @@ class ShardedStats:
     """``compressibility_report``'s quantities of sharded tensors; every rank calls every method, in the same order."""
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.locals = [local_part(t.detach())[0] for t in tensors]
+        self.locals = [local_tensor(t.detach()) for t in tensors]
         self.layout = Layout.of(tensors, self.locals[0].device)
 
     def finite(self) -> list[bool]:

@@ -69,6 +69,11 @@ class LocalBlock:
         """Whether the block is the whole tensor."""
         return all(index == range(n) for index, n in zip(self.indices, self.global_shape, strict=True))
 
+    @property
+    def whole_rows(self) -> bool:
+        """Whether the block holds whole rows: every dimension after the first whole."""
+        return all(index == range(n) for index, n in zip(self.indices[1:], self.global_shape[1:], strict=True))
+
     def rows(self) -> range | Tensor:
         """Global indices of the local units (slices along dim 0); ``range(1)`` for a 0-d tensor."""
         if len(self.global_shape) == 0:
@@ -81,7 +86,7 @@ class LocalBlock:
         if len(shape) == 0:
             return range(1)
         rows = indices[0]
-        if isinstance(rows, range) and all(index == range(n) for index, n in zip(indices[1:], shape[1:], strict=True)):
+        if isinstance(rows, range) and self.whole_rows:
             row = math.prod(shape[1:])
             return range(rows.start * row, rows.stop * row)
         flat = torch.zeros((), dtype=torch.int64, device=device)
@@ -111,6 +116,14 @@ def is_sharded(tensor: Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The local tensor to read and write: a DTensor's local shard (``to_local``), a plain tensor itself.
+
+    ``local_part`` also says where it sits in the whole; where that is not needed this is far cheaper.
+    """
+    return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
 def local_part(tensor: Tensor) -> tuple[Tensor, LocalBlock]:
     """The local tensor to read and write, and where it sits in the whole.
 
@@ -124,7 +137,7 @@ def local_part(tensor: Tensor) -> tuple[Tensor, LocalBlock]:
     """
     if not is_sharded(tensor):
         return tensor, LocalBlock.whole(tensor.shape)
-    local = tensor.to_local()  # type: ignore[attr-defined]
+    local = local_tensor(tensor)
     mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
     coordinate = mesh.get_coordinate()
     global_shape = torch.Size(tensor.shape)

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
-from lightning_heavytail._checks import check_strategy
+from lightning_heavytail._checks import check_strategy, is_strategy
+from lightning_heavytail._distributed import several_ranks
 
 # The settings a checkpoint records; a resume that changes one of them is told so (the step count continues).
 SETTINGS = ("alpha", "sigma", "lr_scaling", "structure", "params", "exclude", "seed", "start_step", "stop_step")
@@ -37,7 +38,7 @@ def check_strategy_supported(strategy: object, sync: str = "seed") -> None:
         instead="For sharded training use ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in"
         " configure_model (FSDP2): every rank then adds exactly its shard's part of the noise. Or use strategy='ddp'.",
     )
-    if "ModelParallelStrategy" in {cls.__name__ for cls in type(strategy).__mro__} and sync == "broadcast":
+    if is_strategy(strategy, "ModelParallelStrategy") and sync == "broadcast":
         raise ValueError(
             "HeavyTailNoiseCallback: sync='broadcast' needs every rank to hold whole parameters, and"
             f" {type(strategy).__name__} shards them; use sync='seed' (each shard draws its part of the same noise)"
@@ -149,9 +150,7 @@ def kernel_change_warning(recorded: Mapping[str, str], paths: Mapping[str, str])
 
 
 def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() < 2:
+    if not several_ranks():
         return
     for tensor in tensors:
         torch.distributed.broadcast(tensor.data, src=0)

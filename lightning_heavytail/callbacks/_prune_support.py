@@ -10,7 +10,7 @@ from typing import Any
 
 from torchmetrics import Metric, MetricCollection
 
-from lightning_heavytail._checks import check_strategy
+from lightning_heavytail._checks import check_strategy, is_strategy
 from lightning_heavytail._compat import tensor_parallel_size
 from lightning_heavytail.pruning import DEFAULT_METRIC_KEY, MASK_METHODS
 
@@ -38,7 +38,7 @@ def check_strategy_supported(strategy: object, methods: Sequence[str]) -> None:
         why="it shards parameters in a layout whose entries cannot be mapped to the whole tensors",
         instead=f"{_FSDP2} {MASK_METHODS}; or a single-device or DDP-family strategy.",
     )
-    if "ModelParallelStrategy" not in {cls.__name__ for cls in type(strategy).__mro__}:
+    if not is_strategy(strategy, "ModelParallelStrategy"):
         return
     refused = [method for method in methods if method not in MASK_METHODS]
     if refused:

@@ -206,7 +206,6 @@ class HeavyTailNoiseCallback(Callback):
         self._remove_hooks()  # a second fit() must not leave doubled hooks
         self._trainer, self._module = trainer, pl_module
         self._candidates, self._noised, self._noised_any = None, None, False
-        self._plans = {}
         self._fit_start_step = self._noise_step  # after a resume: the checkpoint's count
         for optimizer in trainer.optimizers:  # a scale that overflows is a configuration error: say so before step 0
             for group in optimizer.param_groups:

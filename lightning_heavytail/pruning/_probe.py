@@ -49,7 +49,7 @@ from lightning_heavytail.pruning._targets import (
     view_names_by_id,
 )
 from lightning_heavytail.selection import ParamSelector, select_parameters, uninitialized_parameters
-from lightning_heavytail.sharding import fsdp_modules, local_part, model_is_sharded, reshard
+from lightning_heavytail.sharding import fsdp_modules, local_tensor, model_is_sharded, reshard
 
 
 def _tensors_in(value: Any) -> Iterator[Tensor]:
@@ -143,7 +143,7 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
     finite = all_finite(preds)
     if not (every_rank([finite], device)[0] if sharded else finite):
         named = list(tensor_view(model).named_parameters())
-        finite_parts = [all_finite(local_part(tensor)[0]) for _, tensor in named]
+        finite_parts = [all_finite(local_tensor(tensor)) for _, tensor in named]
         for (name, _), ok in zip(named, every_rank(finite_parts, device) if sharded else finite_parts, strict=True):
             if not ok:
                 raise ValueError(

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from lightning_heavytail._compat import forward_pre_hooks
 from lightning_heavytail.selection import UninitializedParameterError, uninitialized_parameters
-from lightning_heavytail.sharding import is_sharded, local_part
+from lightning_heavytail.sharding import is_sharded, local_tensor
 
 
 def parametrized_originals(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
@@ -152,12 +152,12 @@ class Target:
 
     def local(self) -> Tensor:
         """This rank's part of the tensor as the forward pass sees it (all of it, unless it is a DTensor)."""
-        return local_part(self.current())[0]
+        return local_tensor(self.current())
 
     def writable(self) -> Tensor:
         """What a pruned value is written into: the parameter (its local part), or the value of the ``Override``."""
         if self.param is not None:
-            return local_part(self.param)[0]
+            return local_tensor(self.param)
         if self.override is None:
             raise RuntimeError(f"{self.name!r} is parametrized: attach its override first (overrides_attached)")
         return self.override.value
