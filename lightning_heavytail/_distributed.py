@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.sharding import LocalBlock, is_sharded, local_part
 
 _RADIX_BITS = 8
@@ -101,10 +102,7 @@ class Layout:
 
     def all_finite(self, locals_: Sequence[Tensor]) -> list[bool]:
         """Per tensor, whether every rank's part is finite (the same answer on every rank; one reduction)."""
-        from lightning_heavytail._tensors import all_finite
-
-        finite = [all_finite(t) for t in locals_]
-        return every_rank(finite, self.device) if self.sharded else finite
+        return finite_everywhere(locals_, self.device, self.sharded)
 
     def local_units(self, index: int, values: Tensor) -> Tensor:
         """The entries of ``values`` (one per unit of whole tensor ``index``) for this rank's units, in local order."""
@@ -167,6 +165,12 @@ class Layout:
 def several_ranks() -> bool:
     """Whether a process group of more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def finite_everywhere(tensors: Sequence[Tensor], device: torch.device, sharded: bool) -> list[bool]:
+    """Per tensor, whether it is finite on this rank and, if ``sharded``, on every rank (one all-reduce)."""
+    finite = [all_finite(t) for t in tensors]
+    return every_rank(finite, device) if sharded else finite
 
 
 def collective_device() -> torch.device:

@@ -28,7 +28,7 @@ from lightning_heavytail._checks import (
     resolve_device,
     validate_forward,
 )
-from lightning_heavytail._distributed import every_rank, failing_together
+from lightning_heavytail._distributed import failing_together, finite_everywhere
 from lightning_heavytail._tensors import all_finite
 from lightning_heavytail.pruning._evaluator import model_preserved, rng_preserved
 from lightning_heavytail.pruning._scoring import (
@@ -121,11 +121,13 @@ class Probe:
     target: Any
     first_use: dict[str, int]  # tensor name (as in tensor_view) -> number of the first torch call that used it
     last_use: dict[str, int]  # ... the last call that used it up to the one that made the predictions
+    collection: MetricCollection  # the metrics the evaluation updates, tried on these predictions
+    metric_names: list[str]
 
 
-def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool, device: torch.device,
-          sharded: bool = False) -> Probe:
-    """Run the evaluation's forward on ``batch`` (eval mode, no grad) and refuse an output that cannot be scored.
+def probe(model: nn.Module, batch: Any, forward: ForwardFn, metrics: Metric | MetricCollection | None,
+          device: torch.device, sharded: bool = False) -> Probe:
+    """Run the evaluation's forward on ``batch`` (eval mode, no grad) and refuse an output ``metrics`` cannot score.
 
     The model (parameters, buffers, modes) and the global RNGs are left as they were. With ``sharded`` parameters
     every rank runs it, and non-finite predictions on one rank make every rank raise.
@@ -141,10 +143,10 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
     with failing_together(device, sharded):  # under sharding every rank must stop here, not only this one
         preds, target = checked_outputs(out)
     finite = all_finite(preds)
-    if not (every_rank([finite], device)[0] if sharded else finite):
+    if not finite_everywhere([preds], device, sharded)[0]:
         named = list(tensor_view(model).named_parameters())
-        finite_parts = [all_finite(local_tensor(tensor)) for _, tensor in named]
-        for (name, _), ok in zip(named, every_rank(finite_parts, device) if sharded else finite_parts, strict=True):
+        parts = finite_everywhere([local_tensor(tensor) for _, tensor in named], device, sharded)
+        for (name, _), ok in zip(named, parts, strict=True):
             if not ok:
                 raise ValueError(
                     f"Parameter {name!r} holds NaN or infinity, and the model's predictions on the first batch are not"
@@ -154,10 +156,12 @@ def probe(model: nn.Module, batch: Any, forward: ForwardFn, default_metric: bool
             raise ValueError("The model's predictions on another rank's first batch hold NaN or infinity (see its"
                              " error); nothing is scored.")
     check_finite_predictions(preds, "the unpruned model, on the first batch", pruned=False)
-    if default_metric:
-        with failing_together(device, sharded):
+    with failing_together(device, sharded):  # refused on this rank's batch: every rank stops here
+        if metrics is None:
             check_default_metric_inputs(preds, target)
-    return Probe(preds, target, recorder.first, recorder.last_use(preds))
+        collection = metric_collection(metrics, preds, device)
+        names = metric_names(collection, preds, target)
+    return Probe(preds, target, recorder.first, recorder.last_use(preds), collection, names)
 
 
 def _default_selection(view: nn.Module, probe: Probe) -> tuple[list[str], dict[str, str]]:
@@ -245,10 +249,8 @@ def prepare(model: Any, dataloader: Any, metrics: Metric | MetricCollection | No
     sharded = model_is_sharded(model)
     scorer = Scorer(dataloader, forward, device_, sharded)
     example = scorer.example_batch()
-    found = probe(model, example, forward, metrics is None, device_, sharded)
-    with failing_together(device_, sharded):  # refused on this rank's first batch: every rank stops here
-        scorer.collection = metric_collection(metrics, found.preds, device_)
-        metric_names(scorer.collection, found.preds, found.target)
+    found = probe(model, example, forward, metrics, device_, sharded)
+    scorer.collection = found.collection
     return Run(scorer, example, forward, found, patterns)
 
 

@@ -13,7 +13,6 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_heavytail._checks import resolve_device, validate_epsilon, validate_sparsities
-from lightning_heavytail._distributed import failing_together
 from lightning_heavytail.pruning._evaluator import CurveState, CurveTask, StateBuilder, scored_in_one_pass
 from lightning_heavytail.pruning._probe import (
     Probe,
@@ -28,8 +27,6 @@ from lightning_heavytail.pruning._scoring import (
     ForwardFn,
     OutputKey,
     make_forward,
-    metric_collection,
-    metric_names,
 )
 from lightning_heavytail.pruning._targets import Target
 from lightning_heavytail.pruning.curve import EpsilonPoint, PruningCurve
@@ -308,10 +305,8 @@ def check_prunable(
         batch = move_data_to_device(batch, device)
         if uninitialized_parameters(model):
             model = materialized_copy(model, batch, forward, device)
-        sharded = model_is_sharded(model)
-        found = probe(model, batch, forward, metrics is None, device, sharded)
-        with failing_together(device, sharded):  # refused on this rank's batch: every rank stops here
-            names = metric_names(metric_collection(metrics, found.preds, device), found.preds, found.target)
+        found = probe(model, batch, forward, metrics, device, model_is_sharded(model))
+        names = found.metric_names
     targets, left_out = select_targets(model, params, exclude, found)
     for name in methods:
         REGISTRY[name].check(model, targets, batch, forward)
