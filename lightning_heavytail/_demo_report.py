@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_heavytail._plotting import label_sparsity_axis, sparsity_axis
 from lightning_heavytail.cli import DEMO_SPARSITIES, EPSILON
+from lightning_heavytail.pruning.curve import level_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -155,7 +156,7 @@ def tables(results: dict[str, Any]) -> str:
         f"{'-' * 10}-+-{'-' * 9}-+-{'-' * 9}-+-{'-' * 10}",
     ]
     for level, a, b in zip(van["requested"], van["accuracy"], ht["accuracy"], strict=True):
-        lines.append(f"{level:>10.2f} | {a:>9.4f} | {b:>9.4f} | {b - a:>+10.4f}")
+        lines.append(f"{level_label(level):>10} | {a:>9.4f} | {b:>9.4f} | {b - a:>+10.4f}")
     lines += [
         "",
         "compressibility of the hidden layer (mean over the seeds)",
@@ -163,8 +164,8 @@ def tables(results: dict[str, Any]) -> str:
         f"{'-' * 27}-+-{'-' * 11}-+-{'-' * 11}",
     ]
     metrics = [("fraction prunable (eps 0.1)", "fraction_prunable")]
-    metrics += [(f"best-k error {k.split('@')[1]}", k) for k in van["compressibility"]
-                if k.startswith("best_k_error@") and k.split("@")[1] in ("0.90", "0.99")]
+    metrics += [(f"best-k error {label}", f"best_k_error@{label}") for label in map(level_label, (0.9, 0.99))
+                if f"best_k_error@{label}" in van["compressibility"]]
     for label, key in metrics:
         lines.append(f"{label:>27} | {van['compressibility'][key]:>11.4f} | {ht['compressibility'][key]:>11.4f}")
     for label, key in (("alpha per unit (Mohammadi)", "alpha_mohammadi_units"), ("alpha per unit (Hill)",

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_heavytail._distributed import Layout, as_units
 from lightning_heavytail._tensors import ACCUMULATE_DTYPE, compute_dtype, sort_ascending
-from lightning_heavytail.compressibility import hill_alpha, mohammadi_alpha
+from lightning_heavytail.compressibility import TAIL_KEYS, hill_alpha, mohammadi_alpha
 from lightning_heavytail.pruning.epsilon import count_prunable, unit_squared_norms
 from lightning_heavytail.sharding import local_tensor
 
@@ -88,16 +88,15 @@ class ShardedStats:
 
     def tail_indices(self, index: int, finite: bool) -> dict[str, float]:
         """The four tail indices of whole tensor ``index`` (NaN if it is not finite)."""
-        labels = ("alpha_mohammadi", "alpha_hill", "alpha_mohammadi_units", "alpha_hill_units")
         if not finite:
-            return dict.fromkeys(labels, math.nan)
+            return dict.fromkeys(TAIL_KEYS, math.nan)
         local, shape = self.locals[index], self.layout.blocks[index].global_shape
         row = shape.numel() // shape[0] if len(shape) > 1 else 1  # entries per unit
         means = self.layout.unit_values(index, as_units(local), whole=lambda r: r.to(ACCUMULATE_DTYPE).mean(dim=1),
                                         partial=lambda r: r.to(ACCUMULATE_DTYPE).sum(dim=1),
                                         finish=lambda sums: sums / row)
-        return dict(zip(labels, (self._mohammadi(index), self._hill(index), _or_nan(lambda: mohammadi_alpha(means)),
-                                 _or_nan(lambda: hill_alpha(means))), strict=True))
+        return dict(zip(TAIL_KEYS, (self._mohammadi(index), self._hill(index), _or_nan(lambda: mohammadi_alpha(means)),
+                                    _or_nan(lambda: hill_alpha(means))), strict=True))
 
     def _nonzero(self, index: int) -> Tensor:
         """This rank's counted nonzero entries of tensor ``index``, float64, in flattened order."""

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heavytail._checks import check_fraction, check_int, check_weight, validate_epsilon, validate_sparsities
+from lightning_heavytail._distributed import as_units
 from lightning_heavytail._tensors import ACCUMULATE_DTYPE, all_finite, compute_dtype, sort_ascending
 from lightning_heavytail.pruning.curve import level_label
 from lightning_heavytail.pruning.epsilon import prunable_units
@@ -84,7 +85,8 @@ DEFAULT_REPORT_SPARSITIES: tuple[float, ...] = (0.5, 0.9, 0.99)
 """Sparsity levels at which ``compressibility_report`` gives the best-k error."""
 
 
-_TAIL_KEYS = ("alpha_mohammadi", "alpha_hill", "alpha_mohammadi_units", "alpha_hill_units")
+TAIL_KEYS = ("alpha_mohammadi", "alpha_hill", "alpha_mohammadi_units", "alpha_hill_units")
+"""The report's tail-index keys: Mohammadi and Hill on the entries, then on one value per unit."""
 
 
 def _best_k_errors(magnitudes_sorted: Tensor, sparsities: Sequence[float]) -> list[float]:
@@ -261,8 +263,7 @@ def unit_means(weight: Tensor) -> Tensor:
         >>> unit_means(torch.tensor([[1.0, 3.0], [-2.0, 0.0]])).tolist()
         [2.0, -1.0]
     """
-    weight = check_weight(weight)
-    return weight.reshape(weight.shape[0], -1).to(ACCUMULATE_DTYPE).mean(dim=1)
+    return as_units(check_weight(weight)).to(ACCUMULATE_DTYPE).mean(dim=1)
 
 
 def _report_keys(levels: Sequence[float]) -> list[str]:
@@ -309,12 +310,9 @@ class _WholeStats:
     def tail_indices(self, index: int, finite: bool) -> dict[str, float]:
         weight = self.weights[index]
         means = unit_means(weight)
-        return {label: _tail_estimate(estimator, sample) for label, estimator, sample in (
-            ("alpha_mohammadi", mohammadi_alpha, weight),
-            ("alpha_hill", hill_alpha, weight),
-            ("alpha_mohammadi_units", mohammadi_alpha, means),
-            ("alpha_hill_units", hill_alpha, means),
-        )}
+        estimates = ((mohammadi_alpha, weight), (hill_alpha, weight), (mohammadi_alpha, means), (hill_alpha, means))
+        return {label: _tail_estimate(estimator, sample)
+                for label, (estimator, sample) in zip(TAIL_KEYS, estimates, strict=True)}
 
 
 def _stats_of(tensors: Sequence[Tensor]) -> _Stats:
@@ -380,7 +378,7 @@ def compressibility_report(
     stats = _stats_of([p for _, p in selected])
     report: dict[str, float] = {}
     prunable_total = units_total = 0
-    alphas: dict[str, list[float]] = {key: [] for key in _TAIL_KEYS}
+    alphas: dict[str, list[float]] = {key: [] for key in TAIL_KEYS}
     with torch.no_grad():
         finite = stats.finite()
         for index, (name, _) in enumerate(selected):
@@ -397,7 +395,10 @@ def compressibility_report(
                 report[f"{label}/{name}"] = value
                 alphas[label].append(value)
         report["fraction_prunable/total"] = prunable_total / units_total if all(finite) else math.nan
-        pooled_errors = stats.best_k_errors(range(len(selected)), levels) if all(finite) else [math.nan] * len(levels)
+        if not all(finite):
+            pooled_errors = [math.nan] * len(levels)
+        else:  # one tensor: its own errors, already computed (the same sort)
+            pooled_errors = errors if len(selected) == 1 else stats.best_k_errors(range(len(selected)), levels)
         for key, error in zip(keys, pooled_errors, strict=True):
             report[f"{key}/total"] = error
     for label, values in alphas.items():
