@@ -44,6 +44,7 @@ from lightning_heavytail.pruning._scoring import (
 from lightning_heavytail.pruning._targets import (
     Target,
     refuse_hook_reparametrizations,
+    refuse_lazy,
     targets_named,
     tensor_view,
     view_names_by_id,
@@ -245,7 +246,7 @@ def prepare(model: Any, dataloader: Any, metrics: Metric | MetricCollection | No
     patterns = check_common(model, forward_fn, output_key, metrics, exclude)
     device_ = resolve_device(model, device)
     forward = make_forward(forward_fn, output_key)
-    tensor_view(model)  # lazy parameters: refused before any forward could materialize them
+    refuse_lazy(model)  # before any forward could materialize them
     sharded = model_is_sharded(model)
     scorer = Scorer(dataloader, forward, device_, sharded)
     example = scorer.example_batch()

@@ -58,6 +58,20 @@ def refuse_hook_reparametrizations(model: nn.Module) -> None:
                 )
 
 
+def refuse_lazy(model: nn.Module) -> None:
+    """Refuse a model with lazy parameters: they have no shape to prune yet.
+
+    Raises:
+        UninitializedParameterError: naming them.
+    """
+    lazy = uninitialized_parameters(model)
+    if lazy:
+        raise UninitializedParameterError(
+            f"{type(model).__name__} has lazy parameters {lazy} with no shape yet: run one forward pass (or build the"
+            " layers in configure_model) before pruning"
+        )
+
+
 def tensor_view(model: nn.Module) -> nn.Module:
     """A module whose parameters are the tensors pruning works on, under the names pruning uses.
 
@@ -86,12 +100,7 @@ def tensor_view(model: nn.Module) -> nn.Module:
         >>> [(name, tuple(t.shape)) for name, t in tensor_view(net).named_parameters()]
         [('0.bias', (8,)), ('0.weight', (8, 4)), ('2.weight', (3, 8)), ('2.bias', (3,))]
     """
-    lazy = uninitialized_parameters(model)
-    if lazy:
-        raise UninitializedParameterError(
-            f"{type(model).__name__} has lazy parameters {lazy} with no shape yet: run one forward pass (or build the"
-            " layers in configure_model) before pruning"
-        )
+    refuse_lazy(model)
     originals = parametrized_originals(model)
     view: nn.Module = type(type(model).__name__, (nn.Module,), {})()  # the model's class name, for messages
     done: set[str] = set()
